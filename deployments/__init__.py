@@ -1,0 +1,1 @@
+"""Prefect deployment tooling: work pool, concurrency limits, secrets, deployments."""

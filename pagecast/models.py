@@ -1,0 +1,209 @@
+"""Tables: a send job, one row per recipient of a job, and a page's contacts."""
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlmodel import Field, SQLModel
+
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MAX_TEXT_LENGTH = 2000
+MAX_PSID_LENGTH = 20
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_JOB_STATUSES = frozenset(
+    {JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+
+class RecipientStatus(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNKNOWN = "unknown"
+
+
+class MessagingType(StrEnum):
+    RESPONSE = "RESPONSE"
+    UPDATE = "UPDATE"
+    MESSAGE_TAG = "MESSAGE_TAG"
+
+
+class MessageTag(StrEnum):
+    ACCOUNT_UPDATE = "ACCOUNT_UPDATE"
+    CONFIRMED_EVENT_UPDATE = "CONFIRMED_EVENT_UPDATE"
+    POST_PURCHASE_UPDATE = "POST_PURCHASE_UPDATE"
+    HUMAN_AGENT = "HUMAN_AGENT"
+    CUSTOMER_FEEDBACK = "CUSTOMER_FEEDBACK"
+
+
+def _in_check(column: str, enum: type[StrEnum]) -> sa.CheckConstraint:
+    values = ", ".join(f"'{member.value}'" for member in enum)
+    return sa.CheckConstraint(f"{column} IN ({values})", name=f"{column}_valid")
+
+
+def _now_column(*, onupdate: bool = False) -> Any:
+    return sa.Column(
+        sa.DateTime(timezone=True),
+        nullable=False,
+        server_default=sa.func.now(),
+        onupdate=sa.func.now() if onupdate else None,
+    )
+
+
+def _counter() -> Any:
+    return Field(default=0, sa_column_kwargs={"server_default": "0", "nullable": False})
+
+
+class SendJob(SQLModel, table=True):
+    """One broadcast: a message, a page, an audience in ``send_job_recipients``, and its progress."""
+
+    __tablename__ = "send_jobs"
+    __table_args__ = (
+        _in_check("status", JobStatus),
+        _in_check("messaging_type", MessagingType),
+        sa.CheckConstraint(
+            "(messaging_type = 'MESSAGE_TAG') = (tag IS NOT NULL)", name="tag_iff_message_tag"
+        ),
+        sa.CheckConstraint(
+            f"char_length(text) BETWEEN 1 AND {MAX_TEXT_LENGTH}", name="text_length"
+        ),
+        sa.CheckConstraint("concurrency > 0", name="concurrency_positive"),
+        sa.CheckConstraint("rate_per_second > 0", name="rate_positive"),
+        sa.Index("ix_send_jobs_status_scheduled_at", "status", "scheduled_at"),
+    )
+
+    id: uuid.UUID = Field(
+        default_factory=uuid.uuid4,
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+        ),
+    )
+    page_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False, index=True))
+    text: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    messaging_type: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    tag: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    status: str = Field(
+        default=JobStatus.PENDING,
+        sa_column=sa.Column(sa.Text, nullable=False, server_default=JobStatus.PENDING.value),
+    )
+    source: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    total: int = _counter()
+    sent: int = _counter()
+    failed: int = _counter()
+    skipped: int = _counter()
+    unknown: int = _counter()
+    duplicates_removed: int = _counter()
+    error_summary: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_column=sa.Column(pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    )
+    concurrency: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
+    rate_per_second: float = Field(sa_column=sa.Column(sa.Float, nullable=False))
+    resend_unknown: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    scheduled_at: datetime = Field(sa_column=_now_column())
+    created_at: datetime = Field(sa_column=_now_column())
+    updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
+    started_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    finished_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    heartbeat_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    lease_owner: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    attempt: int = _counter()
+    cancel_requested: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    idempotency_key: str | None = Field(default=None, sa_column=sa.Column(sa.Text, unique=True))
+    last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+
+
+class SendJobRecipient(SQLModel, table=True):
+    """One recipient of one job and its fate; ``(job_id, psid)`` is unique, so nobody is listed twice."""
+
+    __tablename__ = "send_job_recipients"
+    __table_args__ = (
+        _in_check("status", RecipientStatus),
+        sa.Index(
+            "ix_send_job_recipients_pending",
+            "job_id",
+            "psid",
+            postgresql_where=sa.text("status = 'pending'"),
+        ),
+        sa.Index("ix_send_job_recipients_job_status", "job_id", "status"),
+    )
+
+    job_id: uuid.UUID = Field(
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True),
+            sa.ForeignKey("send_jobs.id", ondelete="CASCADE"),
+            primary_key=True,
+        )
+    )
+    psid: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    first_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    last_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    status: str = Field(
+        default=RecipientStatus.PENDING,
+        sa_column=sa.Column(sa.Text, nullable=False, server_default=RecipientStatus.PENDING.value),
+    )
+    attempts: int = _counter()
+    message_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    error_code: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
+    error_subcode: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
+    error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
+
+
+class Contact(SQLModel, table=True):
+    """A person who has messaged a page: who they are, their tags, and when they last wrote."""
+
+    __tablename__ = "contacts"
+    __table_args__ = (sa.Index("ix_contacts_tags", "tags", postgresql_using="gin"),)
+
+    page_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    psid: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    first_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    last_name: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    tags: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(
+            pg.ARRAY(sa.Text), nullable=False, server_default=sa.text("'{}'::text[]")
+        ),
+    )
+    opted_out: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    last_interaction_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    created_at: datetime = Field(sa_column=_now_column())
+    updated_at: datetime = Field(sa_column=_now_column(onupdate=True))

@@ -1,0 +1,281 @@
+"""Reads and writes of jobs, recipients and contacts. Every function takes the session first and
+keyword-only arguments; callers own the transaction."""
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlmodel import Session, col, select
+
+from pagecast.audience import ContactRow, ParsedRecipients
+from pagecast.errors import IdempotencyConflict, InvalidAudience, JobNotFound
+from pagecast.models import RecipientStatus, SendJob, SendJobRecipient
+from pagecast.validation import Message
+
+_COPY_RECIPIENTS = "COPY send_job_recipients (job_id, psid, first_name, last_name) FROM STDIN"
+_COPY_CONTACTS = (
+    "COPY _contacts_in (psid, first_name, last_name, tags, opted_out, last_interaction_at) "
+    "FROM STDIN"
+)
+
+
+@dataclass(frozen=True)
+class TagFilter:
+    """Contacts of the job's page carrying any of ``tags`` (all of them with ``match_all``)."""
+
+    tags: tuple[str, ...]
+    match_all: bool = False
+
+    def describe(self) -> str:
+        joiner = " & " if self.match_all else " | "
+        return "tags:" + joiner.join(self.tags)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Everything needed to create a job; values are already validated."""
+
+    page_id: str
+    message: Message
+    audience: ParsedRecipients | TagFilter
+    source: str
+    concurrency: int
+    rate_per_second: float
+    idempotency_key: str | None = None
+    resend_unknown: bool = False
+    scheduled_at: datetime | None = None
+
+
+@dataclass
+class CreatedJob:
+    """The outcome of ``create_job``: the job, whether it is new, and what was left out."""
+
+    job: SendJob
+    created: bool
+    duplicates_removed: int = 0
+    opted_out_excluded: int = 0
+
+
+@dataclass
+class JobProgress:
+    """A job with its recipients counted by status."""
+
+    job: SendJob
+    by_status: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> int:
+        return self.by_status.get(RecipientStatus.PENDING, 0)
+
+
+def _raw(session: Session) -> Any:
+    return session.connection().connection.driver_connection
+
+
+def _matches(job: SendJob, request: JobRequest) -> list[str]:
+    wanted = {
+        "page_id": request.page_id,
+        "text": request.message.text,
+        "messaging_type": request.message.messaging_type,
+        "tag": request.message.tag,
+    }
+    return [name for name, value in wanted.items() if getattr(job, name) != value]
+
+
+def _existing(session: Session, request: JobRequest) -> CreatedJob | None:
+    if request.idempotency_key is None:
+        return None
+    job = session.exec(
+        select(SendJob).where(SendJob.idempotency_key == request.idempotency_key)
+    ).first()
+    if job is None:
+        return None
+    differing = _matches(job, request)
+    if differing:
+        raise IdempotencyConflict(request.idempotency_key, job.id, differing)
+    return CreatedJob(job=job, created=False, duplicates_removed=job.duplicates_removed)
+
+
+def _insert_job(session: Session, request: JobRequest) -> uuid.UUID | None:
+    values: dict[str, Any] = {
+        "page_id": request.page_id,
+        "text": request.message.text,
+        "messaging_type": request.message.messaging_type.value,
+        "tag": request.message.tag.value if request.message.tag else None,
+        "source": request.source,
+        "concurrency": request.concurrency,
+        "rate_per_second": request.rate_per_second,
+        "idempotency_key": request.idempotency_key,
+        "resend_unknown": request.resend_unknown,
+    }
+    if request.scheduled_at is not None:
+        values["scheduled_at"] = request.scheduled_at
+    statement = (
+        pg_insert(SendJob)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(SendJob.id)
+    )
+    return session.execute(statement).scalar_one_or_none()
+
+
+def _copy_recipients(session: Session, job_id: uuid.UUID, parsed: ParsedRecipients) -> None:
+    with _raw(session).cursor() as cursor, cursor.copy(_COPY_RECIPIENTS) as copy:
+        for recipient in parsed.recipients:
+            copy.write_row((job_id, recipient.psid, recipient.first_name, recipient.last_name))
+
+
+def _exclude_opted_out(session: Session, job_id: uuid.UUID, page_id: str) -> int:
+    result = session.execute(
+        sa.text(
+            "DELETE FROM send_job_recipients r USING contacts c "
+            "WHERE r.job_id = :job_id AND c.page_id = :page_id AND c.psid = r.psid AND c.opted_out"
+        ),
+        {"job_id": job_id, "page_id": page_id},
+    )
+    return result.rowcount
+
+
+def _insert_from_contacts(
+    session: Session, job_id: uuid.UUID, page_id: str, tags: TagFilter
+) -> int:
+    operator = "@>" if tags.match_all else "&&"
+    result = session.execute(
+        sa.text(
+            "INSERT INTO send_job_recipients (job_id, psid, first_name, last_name) "
+            "SELECT :job_id, psid, first_name, last_name FROM contacts "
+            f"WHERE page_id = :page_id AND NOT opted_out AND tags {operator} CAST(:tags AS text[]) "
+            "ORDER BY psid"
+        ),
+        {"job_id": job_id, "page_id": page_id, "tags": list(tags.tags)},
+    )
+    return result.rowcount
+
+
+def create_job(session: Session, *, request: JobRequest) -> CreatedJob:
+    """Create a pending job and its recipients in the session's transaction.
+
+    With an idempotency key already in use, the existing job is returned (``created=False``), or
+    ``IdempotencyConflict`` is raised if it was created with another page, text, type or tag. Opted-out contacts of the page are never recipients; an empty audience raises
+    ``InvalidAudience`` and the caller's rollback leaves nothing behind.
+    """
+    existing = _existing(session, request)
+    if existing is not None:
+        return existing
+    job_id = _insert_job(session, request)
+    if job_id is None:  # a concurrent request with the same key won the insert
+        existing = _existing(session, request)
+        assert existing is not None
+        return existing
+    duplicates = opted_out = 0
+    if isinstance(request.audience, TagFilter):
+        total = _insert_from_contacts(session, job_id, request.page_id, request.audience)
+        if total == 0:
+            raise InvalidAudience(
+                f"no contact of page {request.page_id} that has not opted out matches "
+                f"{request.audience.describe()}"
+            )
+    else:
+        _copy_recipients(session, job_id, request.audience)
+        duplicates = len(request.audience.duplicates)
+        opted_out = _exclude_opted_out(session, job_id, request.page_id)
+        total = len(request.audience.recipients) - opted_out
+        if total == 0:
+            raise InvalidAudience(
+                f"every recipient ({opted_out}) has opted out of page {request.page_id}"
+            )
+    session.execute(
+        sa.update(SendJob)
+        .where(col(SendJob.id) == job_id)
+        .values(total=total, duplicates_removed=duplicates)
+    )
+    job = session.get(SendJob, job_id, populate_existing=True)
+    assert job is not None
+    return CreatedJob(
+        job=job, created=True, duplicates_removed=duplicates, opted_out_excluded=opted_out
+    )
+
+
+def get_job(session: Session, *, job_id: uuid.UUID) -> SendJob:
+    """The job with ``job_id``, or ``JobNotFound``."""
+    job = session.get(SendJob, job_id, populate_existing=True)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def job_progress(session: Session, *, job_id: uuid.UUID) -> JobProgress:
+    """The job and its recipients counted by status (one indexed aggregate)."""
+    job = get_job(session, job_id=job_id)
+    rows = session.execute(
+        sa.select(SendJobRecipient.status, sa.func.count())
+        .where(col(SendJobRecipient.job_id) == job_id)
+        .group_by(SendJobRecipient.status)
+    ).all()
+    return JobProgress(job=job, by_status={status: count for status, count in rows})
+
+
+def list_jobs(
+    session: Session, *, status: str | None = None, page_id: str | None = None, limit: int = 20
+) -> Sequence[SendJob]:
+    """The most recently created jobs, newest first."""
+    query = select(SendJob).order_by(col(SendJob.created_at).desc()).limit(limit)
+    if status is not None:
+        query = query.where(SendJob.status == status)
+    if page_id is not None:
+        query = query.where(SendJob.page_id == page_id)
+    return session.exec(query).all()
+
+
+@dataclass(frozen=True)
+class ContactImport:
+    """Counts of a contacts import."""
+
+    inserted: int
+    updated: int
+
+
+def import_contacts(session: Session, *, page_id: str, contacts: list[ContactRow]) -> ContactImport:
+    """Insert or update a page's contacts (keyed by PSID) in one COPY and one upsert."""
+    session.execute(
+        sa.text(
+            "CREATE TEMP TABLE _contacts_in (psid text, first_name text, last_name text, "
+            "tags text[], opted_out boolean, last_interaction_at timestamptz) ON COMMIT DROP"
+        )
+    )
+    with _raw(session).cursor() as cursor, cursor.copy(_COPY_CONTACTS) as copy:
+        for c in contacts:
+            copy.write_row(
+                (
+                    c.psid,
+                    c.first_name,
+                    c.last_name,
+                    list(c.tags),
+                    c.opted_out,
+                    c.last_interaction_at,
+                )
+            )
+    rows = (
+        session.execute(
+            sa.text(
+                "INSERT INTO contacts (page_id, psid, first_name, last_name, tags, opted_out, "
+                "last_interaction_at) "
+                "SELECT :page_id, psid, first_name, last_name, tags, opted_out, last_interaction_at "
+                "FROM _contacts_in "
+                "ON CONFLICT (page_id, psid) DO UPDATE SET first_name = EXCLUDED.first_name, "
+                "last_name = EXCLUDED.last_name, tags = EXCLUDED.tags, opted_out = EXCLUDED.opted_out, "
+                "last_interaction_at = COALESCE(EXCLUDED.last_interaction_at, "
+                "contacts.last_interaction_at), updated_at = now() "
+                "RETURNING (xmax = 0)"
+            ),
+            {"page_id": page_id},
+        )
+        .scalars()
+        .all()
+    )
+    inserted = sum(1 for fresh in rows if fresh)
+    return ContactImport(inserted=inserted, updated=len(rows) - inserted)

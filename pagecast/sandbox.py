@@ -1,0 +1,369 @@
+"""A local stand-in for Meta's Messenger Send API, for the demo, tests and benchmarks.
+
+It speaks ``POST /{version}/{page_id}/messages`` and ``/{version}/me/messages`` with Meta's request
+validation and error bodies, and injects faults on demand: latency and jitter, a per-page rate limit
+(code 613), transient faults (HTTP 500, codes 1/2), permanent per-PSID faults (551,
+100/2018001), outside-window faults (10/2018278), token revocation after N sends (190), and
+ambiguous faults (the message is delivered, then the connection drops). Every delivery is appended
+to a JSONL ledger; ``GET /__stats`` reports counters, ``POST /__config`` changes the faults and
+``POST /__reset`` clears the counters.
+"""
+
+import asyncio
+import json
+import random
+import threading
+import time
+import uuid
+import zlib
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
+
+_LEDGER_FLUSH_SECONDS = 0.2
+_WINDOW_SECONDS = 1.0
+_FAULT_BUCKETS = 10_000
+
+
+@dataclass
+class SandboxConfig:
+    """Fault injection settings; rates are fractions between 0 and 1."""
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    rate_limit_per_page: int | None = None
+    transient_rate: float = 0.0
+    permanent_rate: float = 0.0
+    outside_window_rate: float = 0.0
+    ambiguous_rate: float = 0.0
+    revoke_after: int | None = None
+    fail_psids: dict[str, str] = field(default_factory=dict)
+    valid_tokens: list[str] = field(default_factory=list)
+    ledger_path: Path | None = None
+    seed: int | None = None
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Apply ``changes`` (field name → value); unknown names raise ``KeyError``."""
+        names = {f.name for f in fields(self)}
+        for name, value in changes.items():
+            if name not in names:
+                raise KeyError(name)
+            setattr(self, name, Path(value) if name == "ledger_path" and value else value)
+
+
+@dataclass
+class _PageWindow:
+    calls: deque[float] = field(default_factory=deque)
+    deliveries: deque[float] = field(default_factory=deque)
+    delivered: int = 0
+    max_per_second: int = 0
+
+
+def _graph_error(
+    status: int, code: int, message: str, *, subcode: int | None = None, transient: bool = False
+) -> web.Response:
+    error: dict[str, Any] = {
+        "message": message,
+        "type": "OAuthException",
+        "code": code,
+        "is_transient": transient,
+        "fbtrace_id": uuid.uuid4().hex[:11],
+    }
+    if subcode is not None:
+        error["error_subcode"] = subcode
+    return web.json_response({"error": error}, status=status)
+
+
+def _in_bucket(psid: str, salt: str, rate: float) -> bool:
+    return (
+        rate > 0 and zlib.crc32(f"{salt}:{psid}".encode()) % _FAULT_BUCKETS < rate * _FAULT_BUCKETS
+    )
+
+
+def _slide(window: deque[float], now: float) -> None:
+    while window and now - window[0] >= _WINDOW_SECONDS:
+        window.popleft()
+
+
+class Sandbox:
+    """The sandbox's state and request handling; ``app()`` builds the aiohttp application."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self._rng = random.Random(config.seed)
+        self._ledger: Any = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear counters, windows, revocations and the delivered set (the ledger file stays)."""
+        self.requests = 0
+        self.errors: Counter[str] = Counter()
+        self.token_via: Counter[str] = Counter()
+        self.pages: defaultdict[str, _PageWindow] = defaultdict(_PageWindow)
+        self.delivered_once: set[tuple[str, str]] = set()
+        self.duplicates = 0
+        self.revoked: set[str] = set()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes(
+            [
+                web.post("/{version}/{page_id}/messages", self.handle_send),
+                web.post("/{page_id:[0-9]+|me}/messages", self.handle_send),
+                web.get("/__stats", self.handle_stats),
+                web.post("/__config", self.handle_config),
+                web.post("/__reset", self.handle_reset),
+            ]
+        )
+        app.on_startup.append(self._open_ledger)
+        app.on_cleanup.append(self._close_ledger)
+        return app
+
+    async def _open_ledger(self, app: web.Application) -> None:
+        if self.config.ledger_path is not None:
+            self._ledger = self.config.ledger_path.open("a", encoding="utf-8")
+            app["ledger_flusher"] = asyncio.create_task(self._flush_periodically())
+
+    async def _close_ledger(self, app: web.Application) -> None:
+        if self._ledger is not None:
+            app["ledger_flusher"].cancel()
+            with suppress(asyncio.CancelledError):
+                await app["ledger_flusher"]
+            self._ledger.close()
+            self._ledger = None
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(_LEDGER_FLUSH_SECONDS)
+            self._ledger.flush()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the last reset."""
+        if self._ledger is not None:
+            self._ledger.flush()
+        return {
+            "requests": self.requests,
+            "delivered": sum(p.delivered for p in self.pages.values()),
+            "duplicates": self.duplicates,
+            "errors": dict(self.errors),
+            "token_via": dict(self.token_via),
+            "pages": {
+                page: {"delivered": w.delivered, "max_per_second": w.max_per_second}
+                for page, w in self.pages.items()
+            },
+        }
+
+    async def handle_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def handle_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+    async def handle_config(self, request: web.Request) -> web.Response:
+        try:
+            self.config.update(await request.json())
+        except KeyError as exc:
+            return web.json_response({"error": f"unknown setting {exc}"}, status=400)
+        return web.json_response(asdict(self.config), dumps=lambda v: json.dumps(v, default=str))
+
+    async def _read(self, request: web.Request) -> tuple[dict[str, Any], str | None]:
+        if request.content_type == "application/json":
+            body = await request.json()
+        else:
+            form = await request.post()
+            body = {k: form[k] for k in form}
+            for key in ("recipient", "message"):
+                if isinstance(body.get(key), str):
+                    body[key] = json.loads(body[key])
+        auth = request.headers.get("Authorization", "")
+        scheme, _, credentials = auth.partition(" ")
+        if body.get("access_token"):
+            self.token_via["body"] += 1
+            return body, str(body["access_token"])
+        if scheme.lower() in ("bearer", "oauth") and credentials:
+            self.token_via["header"] += 1
+            return body, credentials
+        if request.query.get("access_token"):
+            self.token_via["query"] += 1
+            return body, request.query["access_token"]
+        return body, None
+
+    async def handle_send(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        config = self.config
+        if config.latency_ms or config.jitter_ms:
+            delay = config.latency_ms + self._rng.uniform(-config.jitter_ms, config.jitter_ms)
+            await asyncio.sleep(max(delay, 0.0) / 1000)
+        response = await self._respond(request)
+        if response is not None and response.status != 200:
+            body = json.loads(response.body)  # type: ignore[arg-type]
+            error = body["error"]
+            key = str(error["code"]) + (
+                f"/{error['error_subcode']}" if "error_subcode" in error else ""
+            )
+            self.errors[key] += 1
+        return response if response is not None else web.Response()
+
+    async def _respond(self, request: web.Request) -> web.Response | None:
+        try:
+            body, token = await self._read(request)
+        except (ValueError, json.JSONDecodeError):
+            return _graph_error(400, 100, "(#100) The request body could not be parsed")
+        if token is None:
+            return _graph_error(400, 104, "An access token is required to request this resource.")
+        if token in self.revoked or (
+            self.config.valid_tokens and token not in self.config.valid_tokens
+        ):
+            return _graph_error(
+                400,
+                190,
+                "Error validating access token: The session has been invalidated.",
+                subcode=460,
+            )
+        invalid = _invalid_payload(body)
+        if invalid is not None:
+            return _graph_error(400, 100, invalid)
+        page_id = request.match_info["page_id"]
+        psid = str(body["recipient"]["id"])
+        window = self.pages[page_id]
+        now = time.monotonic()
+        _slide(window.calls, now)
+        window.calls.append(now)
+        limit = self.config.rate_limit_per_page
+        if limit is not None and len(window.calls) > limit:
+            return _graph_error(
+                400, 613, "(#613) Calls to this api have exceeded the rate limit.", transient=True
+            )
+        fault = self._fault(psid)
+        if fault is not None:
+            return fault
+        message_id = f"m_{uuid.uuid4().hex}"
+        self._deliver(window, now, page_id, psid, body["message"]["text"], message_id, token)
+        if self.config.ambiguous_rate and self._rng.random() < self.config.ambiguous_rate:
+            assert request.transport is not None
+            request.transport.abort()
+            return None
+        return web.json_response({"recipient_id": psid, "message_id": message_id})
+
+    def _fault(self, psid: str) -> web.Response | None:
+        config = self.config
+        if psid in config.fail_psids:
+            code, _, subcode = config.fail_psids[psid].partition("/")
+            return _graph_error(
+                400,
+                int(code),
+                f"(#{code}) Injected failure",
+                subcode=int(subcode) if subcode else None,
+            )
+        if _in_bucket(psid, "permanent", config.permanent_rate):
+            if zlib.crc32(psid.encode()) % 2:
+                return _graph_error(
+                    400, 551, "(#551) This person isn't available right now.", subcode=1545041
+                )
+            return _graph_error(400, 100, "(#100) No matching user found", subcode=2018001)
+        if _in_bucket(psid, "window", config.outside_window_rate):
+            return _graph_error(
+                400, 10, "(#10) This message is sent outside of allowed window.", subcode=2018278
+            )
+        if config.transient_rate and self._rng.random() < config.transient_rate:
+            if self._rng.random() < 0.5:
+                return _graph_error(500, 1, "An unknown error has occurred.", transient=True)
+            return _graph_error(
+                500,
+                2,
+                "An unexpected error has occurred. Please retry your request later.",
+                transient=True,
+            )
+        return None
+
+    def _deliver(
+        self,
+        window: _PageWindow,
+        now: float,
+        page_id: str,
+        psid: str,
+        text: str,
+        message_id: str,
+        token: str,
+    ) -> None:
+        window.delivered += 1
+        _slide(window.deliveries, now)
+        window.deliveries.append(now)
+        window.max_per_second = max(window.max_per_second, len(window.deliveries))
+        key = (page_id, psid)
+        if key in self.delivered_once:
+            self.duplicates += 1
+        self.delivered_once.add(key)
+        revoke_after = self.config.revoke_after
+        if (
+            revoke_after is not None
+            and sum(p.delivered for p in self.pages.values()) >= revoke_after
+        ):
+            self.revoked.add(token)
+            self.config.revoke_after = None
+        if self._ledger is not None:
+            record = {
+                "t": time.time(),
+                "page_id": page_id,
+                "psid": psid,
+                "message_id": message_id,
+                "text": text,
+            }
+            self._ledger.write(json.dumps(record) + "\n")
+
+
+def _invalid_payload(body: dict[str, Any]) -> str | None:
+    recipient = body.get("recipient")
+    if not isinstance(recipient, dict) or not recipient.get("id"):
+        return "(#100) The parameter recipient is required"
+    kind = body.get("messaging_type")
+    if kind not in set(MessagingType):
+        return "(#100) Param messaging_type must be one of {RESPONSE, UPDATE, MESSAGE_TAG}"
+    tag = body.get("tag")
+    if kind == MessagingType.MESSAGE_TAG and tag not in set(MessageTag):
+        return "(#100) Param tag must be a valid message tag when messaging_type is MESSAGE_TAG"
+    message = body.get("message")
+    text = message.get("text") if isinstance(message, dict) else None
+    if not isinstance(text, str) or not text:
+        return "(#100) param message[text] must be non-empty UTF-8 encoded string"
+    if len(text) > MAX_TEXT_LENGTH:
+        return (
+            f"(#100) Length of param message[text] must be less than or equal to {MAX_TEXT_LENGTH}"
+        )
+    return None
+
+
+def serve(config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Run the sandbox in the foreground until interrupted."""
+    web.run_app(Sandbox(config).app(), host=host, port=port, access_log=None, print=None)
+
+
+@contextmanager
+def running_sandbox(
+    config: SandboxConfig, *, host: str = "127.0.0.1"
+) -> Iterator[tuple[str, Sandbox]]:
+    """Run the sandbox on a free loopback port in a background thread; yields its base URL."""
+    sandbox = Sandbox(config)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(sandbox.app(), access_log=None)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, host, 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, name="pagecast-sandbox", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{port}", sandbox
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

@@ -1,0 +1,52 @@
+"""One place for configuration: every setting is read from a ``PAGECAST_`` environment variable."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DSN_PREFIXES = ("postgres://", "postgresql://", "postgresql+psycopg://")
+
+
+def normalize_database_url(url: str) -> str:
+    """Return ``url`` as a SQLAlchemy psycopg 3 URL; accepts ``postgres://`` (Supabase) and ``postgresql://``."""
+    for prefix in _DSN_PREFIXES:
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    raise ValueError(
+        "PAGECAST_DATABASE_URL must start with postgres://, postgresql:// or postgresql+psycopg://"
+    )
+
+
+class Settings(BaseSettings):
+    """pagecast configuration (environment variables prefixed ``PAGECAST_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PAGECAST_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="Postgres DSN; unset starts an embedded server under HOME."
+    )
+    home: Path = Field(default=Path(".pagecast"), description="Local state: embedded pgdata, logs.")
+    graph_api_url: str = "https://graph.facebook.com"
+    graph_api_version: str = "v25.0"
+    lease_seconds: int = Field(default=120, ge=5)
+    default_concurrency: int = Field(default=50, ge=1, le=1000)
+    default_rate_per_second: float = Field(default=20.0, gt=0, le=300)
+    chunk_size: int = Field(default=200, ge=1, le=10_000)
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize_url(cls, value: str | None) -> str | None:
+        return normalize_database_url(value) if value else None
+
+    @field_validator("graph_api_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,119 @@
+"""Rules a send request must meet before anything is written: text, messaging type, tag, limits."""
+
+import re
+import string
+from dataclasses import dataclass
+
+from pagecast.errors import InvalidField
+from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
+
+PLACEHOLDERS = ("first_name", "last_name", "full_name")
+SAFE_RATE_PER_SECOND = 40.0
+MAX_RATE_PER_SECOND = 300.0
+MAX_CONCURRENCY = 1000
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+_PAGE_ID = re.compile(r"[0-9]{1,32}")
+
+
+@dataclass(frozen=True)
+class Message:
+    """A validated message: what to send and under which Messenger policy."""
+
+    text: str
+    messaging_type: MessagingType
+    tag: MessageTag | None
+
+
+def validate_page_id(page_id: str) -> str:
+    """A Facebook Page id: digits only."""
+    page_id = (page_id or "").strip()
+    if not _PAGE_ID.fullmatch(page_id):
+        raise InvalidField("page_id", f"must be a numeric Page id (1–32 digits), got {page_id!r}")
+    return page_id
+
+
+def _check_placeholders(text: str) -> None:
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise InvalidField(
+            "text", f"has an unbalanced brace ({exc}); write {{{{ and }}}} for literal braces"
+        ) from None
+    unknown = sorted({name for name in fields if name not in PLACEHOLDERS})
+    if unknown:
+        allowed = ", ".join("{" + name + "}" for name in PLACEHOLDERS)
+        raise InvalidField(
+            "text",
+            f"unknown placeholder {', '.join('{' + n + '}' for n in unknown)}; allowed: {allowed}",
+        )
+
+
+def validate_message(text: str | None, messaging_type: str, tag: str | None) -> Message:
+    """Check the text (not blank, at most 2,000 characters, known placeholders) and the
+    messaging type / tag pairing Meta requires."""
+    if text is None or not text.strip():
+        raise InvalidField("text", "must not be empty or only whitespace")
+    if len(text) > MAX_TEXT_LENGTH:
+        raise InvalidField(
+            "text",
+            f"is {len(text)} characters, the limit is {MAX_TEXT_LENGTH}",
+            limit=MAX_TEXT_LENGTH,
+        )
+    _check_placeholders(text)
+    try:
+        kind = MessagingType((messaging_type or "").upper())
+    except ValueError:
+        allowed = ", ".join(MessagingType)
+        raise InvalidField(
+            "messaging_type", f"{messaging_type!r} is not one of {allowed}"
+        ) from None
+    if kind is MessagingType.MESSAGE_TAG:
+        if not tag:
+            raise InvalidField(
+                "tag", f"is required with MESSAGE_TAG; one of {', '.join(MessageTag)}"
+            )
+        try:
+            return Message(text, kind, MessageTag(tag.upper()))
+        except ValueError:
+            raise InvalidField("tag", f"{tag!r} is not one of {', '.join(MessageTag)}") from None
+    if tag:
+        raise InvalidField("tag", f"is only allowed with messaging_type MESSAGE_TAG, not {kind}")
+    return Message(text, kind, None)
+
+
+def validate_concurrency(concurrency: int) -> int:
+    """Concurrent requests per job: 1 to 1,000."""
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise InvalidField(
+            "concurrency",
+            f"must be between 1 and {MAX_CONCURRENCY}, got {concurrency}",
+            limit=MAX_CONCURRENCY,
+        )
+    return concurrency
+
+
+def validate_rate(rate_per_second: float, *, allow_high_volume: bool = False) -> float:
+    """Messages per second for the page: above 40/s Meta may cut the page off, so that needs
+    ``allow_high_volume``; 300/s is the Send API's hard limit."""
+    limit = MAX_RATE_PER_SECOND if allow_high_volume else SAFE_RATE_PER_SECOND
+    if not 0 < rate_per_second <= limit:
+        hint = "" if allow_high_volume else " (pass --allow-high-volume to go up to 300)"
+        raise InvalidField(
+            "rate",
+            f"must be above 0 and at most {limit:g} messages/s, got {rate_per_second:g}{hint}",
+            limit=limit,
+        )
+    return rate_per_second
+
+
+def validate_idempotency_key(key: str | None) -> str | None:
+    """An optional client-chosen key, 1–255 characters, that makes job creation repeatable."""
+    if key is None:
+        return None
+    if not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise InvalidField(
+            "idempotency_key",
+            f"must be 1–{MAX_IDEMPOTENCY_KEY_LENGTH} characters, not blank",
+            limit=MAX_IDEMPOTENCY_KEY_LENGTH,
+        )
+    return key

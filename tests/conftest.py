@@ -1,0 +1,75 @@
+"""Test fixtures: one real PostgreSQL per session (embedded unless ``PAGECAST_TEST_DATABASE_URL``
+names a server), one migrated template database, and a fresh clone of it for every test."""
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlmodel import Session
+
+from pagecast import db
+from pagecast.settings import normalize_database_url
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An administrative URL of the session's PostgreSQL server."""
+    external = os.environ.get("PAGECAST_TEST_DATABASE_URL")
+    if external:
+        yield normalize_database_url(external)
+        return
+    home = tmp_path_factory.mktemp("pagecast-home")
+    yield db.embedded_database_url(Path(home))
+
+
+def _admin_execute(server_url: str, statement: str) -> None:
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    with engine.connect() as connection:
+        connection.execute(sa.text(statement))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def template_database(server_url: str) -> Iterator[str]:
+    """A database migrated to head, cloned by every test."""
+    name = f"pagecast_template_{uuid.uuid4().hex[:8]}"
+    _admin_execute(server_url, f"CREATE DATABASE {name}")
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    db.upgrade(engine)
+    engine.dispose()
+    yield name
+    _admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def database_url(server_url: str, template_database: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"pagecast_test_{uuid.uuid4().hex[:12]}"
+    _admin_execute(server_url, f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    yield url
+    db.engine_for(url).dispose()
+    _admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def engine(database_url: str) -> sa.Engine:
+    return db.engine_for(database_url)
+
+
+@pytest.fixture
+def session(engine: sa.Engine) -> Iterator[Session]:
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+
+
+@pytest.fixture
+def pagecast_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point the CLI (and anything reading ``Settings``) at the test database."""
+    monkeypatch.setenv("PAGECAST_DATABASE_URL", database_url)
+    return database_url
