@@ -43,10 +43,14 @@ class ContactRow:
 
 @dataclass
 class ParsedRecipients:
-    """Unique recipients in file order, and the PSIDs that were listed more than once."""
+    """Unique recipients in file order, the PSIDs listed more than once, and where they came from."""
 
     recipients: list[Recipient]
+    source: str
     duplicates: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return self.source
 
 
 def psid_problem(psid: str) -> str | None:
@@ -73,9 +77,9 @@ def _read_text(path: Path) -> str:
         raise InvalidAudience(f"{str(path)!r} cannot be read: {exc.strerror}") from None
 
 
-def _is_csv(path: Path, text: str) -> bool:
+def _is_csv(text: str) -> bool:
     first = next((line for line in text.splitlines() if line.strip()), "")
-    return path.suffix.lower() == ".csv" or "," in first or first.strip().lower() == "psid"
+    return "," in first or first.strip().lower() == "psid"
 
 
 def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, str]]]:
@@ -112,10 +116,12 @@ def _plain_rows(text: str) -> Iterator[tuple[int, dict[str, str]]]:
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     text = _read_text(path)
-    return _csv_rows(path, text) if _is_csv(path, text) else _plain_rows(text)
+    return _csv_rows(path, text) if _is_csv(text) else _plain_rows(text)
 
 
-def _recipients_from_rows(label: str, rows: list[tuple[int, dict[str, str]]]) -> ParsedRecipients:
+def _recipients_from_rows(
+    label: str, source: str, rows: list[tuple[int, dict[str, str]]]
+) -> ParsedRecipients:
     problems = [
         LineProblem(number, reason)
         for number, row in rows
@@ -125,7 +131,7 @@ def _recipients_from_rows(label: str, rows: list[tuple[int, dict[str, str]]]) ->
         raise InvalidAudience(f"{label} has {len(problems)} invalid PSID(s):", problems)
     if not rows:
         raise InvalidAudience(f"{label} lists no recipients")
-    parsed = ParsedRecipients(recipients=[])
+    parsed = ParsedRecipients(recipients=[], source=source)
     seen: set[str] = set()
     for _, row in rows:
         psid = row["psid"]
@@ -141,7 +147,7 @@ def _recipients_from_rows(label: str, rows: list[tuple[int, dict[str, str]]]) ->
 
 def read_recipients(path: Path) -> ParsedRecipients:
     """Read and validate a recipients file; duplicates are dropped (first one wins) and reported."""
-    return _recipients_from_rows(repr(str(path)), list(_rows(path)))
+    return _recipients_from_rows(repr(str(path)), f"file:{path.name}", list(_rows(path)))
 
 
 def recipients_from_psids(psids: list[str]) -> ParsedRecipients:
@@ -152,7 +158,7 @@ def recipients_from_psids(psids: list[str]) -> ParsedRecipients:
         for number, psid in enumerate(psids, start=1)
         if psid.strip()
     ]
-    return _recipients_from_rows("the PSID list", rows)
+    return _recipients_from_rows("the PSID list", "psid list", rows)
 
 
 def _parse_bool(value: str) -> bool | None:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pagecast import db, repo
-from pagecast.audience import read_contacts, read_recipients
+from pagecast.audience import ParsedRecipients, read_contacts, read_recipients
 from pagecast.errors import ConfigurationError, InvalidInput, PagecastError
 from pagecast.models import JobStatus, MessagingType, SendJob
 from pagecast.sandbox import SandboxConfig, serve
@@ -43,7 +43,7 @@ app.add_typer(job_app, name="job")
 app.add_typer(sandbox_app, name="sandbox")
 
 stdout = Console()
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)
 _F = TypeVar("_F", bound=Callable[..., Any])
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -171,20 +171,21 @@ def job_create(
     message = validate_message(text, messaging_type, tag)
     if (recipients is None) == (not tag_filter):
         raise InvalidInput("audience: give exactly one of --recipients FILE or --tag-filter TAG")
-    audience: Any
+    audience: ParsedRecipients | repo.TagFilter
     if recipients is not None:
-        audience, source = read_recipients(recipients), f"file:{recipients.name}"
+        audience = read_recipients(recipients)
     else:
         audience = repo.TagFilter(tuple(tag_filter or ()), match_all=match_all_tags)
-        source = audience.describe()
     request = repo.JobRequest(
         page_id=page_id,
         message=message,
         audience=audience,
-        source=source,
-        concurrency=validate_concurrency(concurrency or settings.default_concurrency),
+        concurrency=validate_concurrency(
+            settings.default_concurrency if concurrency is None else concurrency
+        ),
         rate_per_second=validate_rate(
-            rate or settings.default_rate_per_second, allow_high_volume=allow_high_volume
+            settings.default_rate_per_second if rate is None else rate,
+            allow_high_volume=allow_high_volume,
         ),
         idempotency_key=validate_idempotency_key(idempotency_key),
         resend_unknown=resend_unknown,

@@ -42,7 +42,6 @@ class JobRequest:
     page_id: str
     message: Message
     audience: ParsedRecipients | TagFilter
-    source: str
     concurrency: int
     rate_per_second: float
     idempotency_key: str | None = None
@@ -106,7 +105,7 @@ def _insert_job(session: Session, request: JobRequest) -> uuid.UUID | None:
         "text": request.message.text,
         "messaging_type": request.message.messaging_type.value,
         "tag": request.message.tag.value if request.message.tag else None,
-        "source": request.source,
+        "source": request.audience.describe(),
         "concurrency": request.concurrency,
         "rate_per_second": request.rate_per_second,
         "idempotency_key": request.idempotency_key,
