@@ -99,6 +99,7 @@ class Sandbox:
         self.config = config
         self._rng = random.Random(config.seed)
         self._ledger: Any = None
+        self._flusher: asyncio.Task[None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -129,13 +130,14 @@ class Sandbox:
     async def _open_ledger(self, app: web.Application) -> None:
         if self.config.ledger_path is not None:
             self._ledger = self.config.ledger_path.open("a", encoding="utf-8")
-            app["ledger_flusher"] = asyncio.create_task(self._flush_periodically())
+            self._flusher = asyncio.create_task(self._flush_periodically())
 
     async def _close_ledger(self, app: web.Application) -> None:
-        if self._ledger is not None:
-            app["ledger_flusher"].cancel()
+        if self._flusher is not None:
+            self._flusher.cancel()
             with suppress(asyncio.CancelledError):
-                await app["ledger_flusher"]
+                await self._flusher
+        if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
 

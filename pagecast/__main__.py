@@ -1,0 +1,3 @@
+from pagecast.cli import app
+
+app(prog_name="pagecast")
