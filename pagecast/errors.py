@@ -6,10 +6,18 @@ Exception tree::
     ├── ConfigurationError         settings or environment cannot work (bad DSN, schema not migrated)
     ├── JobNotFound                no job with that id
     ├── IdempotencyConflict        an idempotency key already names a job with other parameters
-    └── InvalidInput               bad input; nothing was written or sent
-        ├── InvalidField           one field breaks a rule (``field`` names it, ``limit`` gives the bound)
-        └── InvalidAudience        the recipients file or filter cannot give a valid audience
-            (``problems`` lists ``(line, reason)`` pairs when lines are at fault)
+    ├── MissingPageToken           no access token is configured for a page
+    ├── LeaseLost                  another runner owns the job now; this one must stop writing and sending
+    ├── InvalidInput               bad input; nothing was written or sent
+    │   ├── InvalidField           one field breaks a rule (``field`` names it, ``limit`` gives the bound)
+    │   └── InvalidAudience        the recipients file or filter cannot give a valid audience
+    │       (``problems`` lists ``(line, reason)`` pairs when lines are at fault)
+    └── GraphError                 the Send API refused or failed a call (``code``, ``subcode``, ``message``)
+        ├── TransientGraphError    retry later: 5xx, 429, throttling, network errors before sending
+        │   └── ThrottledError     the page or app is over a rate limit: slow down, then retry
+        ├── RecipientGraphError    this recipient cannot get the message (blocked, unavailable, outside window)
+        ├── JobFatalGraphError     no message of this job can go out (bad token, missing permission, payload)
+        └── AmbiguousDelivery      the request may have been delivered: the outcome is unknowable
 
 Every error's ``str()`` is a complete sentence fit for a person; the CLI prints it and exits non-zero.
 """
@@ -59,6 +67,76 @@ class InvalidField(InvalidInput):
         self.limit = limit
 
 
+class MissingPageToken(PagecastError):
+    """No access token is configured for the page."""
+
+    def __init__(self, page_id: str) -> None:
+        super().__init__(
+            f"no access token for page {page_id}: set PAGECAST_PAGE_ACCESS_TOKEN__{page_id} "
+            f"or PAGECAST_PAGE_ACCESS_TOKEN, or create the Secret block pagecast-page-token-{page_id}"
+        )
+        self.page_id = page_id
+
+
+class LeaseLost(PagecastError):
+    """The job's lease belongs to another runner now; this runner must not write or send."""
+
+    def __init__(self, job_id: object) -> None:
+        super().__init__(f"job {job_id}: the lease was taken over by another runner")
+        self.job_id = job_id
+
+
+class GraphError(PagecastError):
+    """A Send API call failed; ``code``/``subcode`` are Meta's, ``http_status`` the HTTP status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        subcode: int | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.subcode = subcode
+        self.http_status = http_status
+
+    @property
+    def code_key(self) -> str:
+        """``"code"`` or ``"code/subcode"``; ``"http_<status>"`` or ``"network"`` without a code."""
+        if self.code is None:
+            return f"http_{self.http_status}" if self.http_status else "network"
+        return f"{self.code}/{self.subcode}" if self.subcode else str(self.code)
+
+
+class TransientGraphError(GraphError):
+    """Worth retrying after a pause."""
+
+
+class ThrottledError(TransientGraphError):
+    """A rate limit was hit: the page's sending rate must come down."""
+
+
+class RecipientGraphError(GraphError):
+    """This recipient cannot receive the message; ``skip_reason`` is set when it is skipped, not failed."""
+
+    def __init__(
+        self, message: str, *, skip_reason: str | None = None, **kwargs: int | None
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.skip_reason = skip_reason
+
+
+class JobFatalGraphError(GraphError):
+    """No message of this job can go out until someone fixes the cause."""
+
+
+class AmbiguousDelivery(GraphError):
+    """The request was written but no answer came back: it may or may not have been delivered."""
+
+
 @dataclass
 class LineProblem:
     """One bad line of a recipients or contacts file."""
@@ -83,12 +161,20 @@ class InvalidAudience(InvalidInput):
 
 
 __all__ = [
+    "AmbiguousDelivery",
     "ConfigurationError",
+    "GraphError",
     "IdempotencyConflict",
     "InvalidAudience",
     "InvalidField",
     "InvalidInput",
+    "JobFatalGraphError",
     "JobNotFound",
+    "LeaseLost",
     "LineProblem",
+    "MissingPageToken",
     "PagecastError",
+    "RecipientGraphError",
+    "ThrottledError",
+    "TransientGraphError",
 ]

@@ -180,6 +180,25 @@ class SendJobRecipient(SQLModel, table=True):
     error_code: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
     error_subcode: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
     error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    retryable: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
+
+
+class PageSendRate(SQLModel, table=True):
+    """A page's shared send schedule: the next free send slot and the throttling backoff factor.
+
+    Every runner sending for the page reserves its slots here, so the page's rate holds across
+    runs, workers and machines."""
+
+    __tablename__ = "page_send_rates"
+
+    page_id: str = Field(sa_column=sa.Column(sa.Text, primary_key=True))
+    next_slot_at: datetime = Field(sa_column=_now_column())
+    backoff_factor: float = Field(
+        default=1.0, sa_column=sa.Column(sa.Float, nullable=False, server_default="1")
+    )
     updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
 
 

@@ -1,9 +1,10 @@
 """One place for configuration: every setting is read from a ``PAGECAST_`` environment variable."""
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DSN_PREFIXES = ("postgres://", "postgresql://", "postgresql+psycopg://")
@@ -34,6 +35,8 @@ class Settings(BaseSettings):
     default_concurrency: int = Field(default=50, ge=1, le=1000)
     default_rate_per_second: float = Field(default=20.0, gt=0, le=300)
     chunk_size: int = Field(default=200, ge=1, le=10_000)
+    parallel_chunks: int = Field(default=4, ge=1, le=64, description="Chunks in flight per run.")
+    app_secret: SecretStr | None = Field(default=None, description="Adds appsecret_proof to calls.")
 
     @field_validator("database_url")
     @classmethod
@@ -44,6 +47,13 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+
+def page_token_from_env(page_id: str) -> str | None:
+    """``PAGECAST_PAGE_ACCESS_TOKEN__<PAGE_ID>``, else ``PAGECAST_PAGE_ACCESS_TOKEN``, else ``None``."""
+    return os.environ.get(f"PAGECAST_PAGE_ACCESS_TOKEN__{page_id}") or os.environ.get(
+        "PAGECAST_PAGE_ACCESS_TOKEN"
+    )
 
 
 @lru_cache

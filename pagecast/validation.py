@@ -117,3 +117,10 @@ def validate_idempotency_key(key: str | None) -> str | None:
             limit=MAX_IDEMPOTENCY_KEY_LENGTH,
         )
     return key
+
+
+def render_text(template: str, *, first_name: str | None, last_name: str | None) -> str:
+    """Fill the placeholders of a validated template; missing names render as empty strings."""
+    first, last = first_name or "", last_name or ""
+    full = f"{first} {last}".strip()
+    return template.format_map({"first_name": first, "last_name": last, "full_name": full})

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -161,3 +164,26 @@ def test_bad_database_url_is_a_configuration_error(monkeypatch):
     result = _run("job", "list")
     assert result.exit_code == 1
     assert "PAGECAST_DATABASE_URL" in result.stderr
+
+
+def test_embedded_database_is_started_reused_and_stopped(tmp_path, recipients):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAGECAST_")}
+    env["PAGECAST_HOME"] = str(tmp_path / "home")
+
+    def pagecast(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "pagecast", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+
+    job_id = pagecast(
+        "job", "create", "--page-id", PAGE, "--text", "hi", "--recipients", recipients
+    ).stdout.strip()
+    status = json.loads(pagecast("job", "status", job_id, "--json").stdout)
+    assert status["total"] == 3
+    assert (tmp_path / "home" / "pgdata" / "PG_VERSION").exists()
+    assert not (tmp_path / "home" / "pgdata" / "postmaster.pid").exists()

@@ -1,0 +1,408 @@
+"""Sending one chunk of a job: claim its pending rows, send them paced and concurrently, record
+every outcome and the job's counters in one transaction.
+
+A chunk is named by keyset bounds over the job's PSIDs (``after`` < psid ≤ ``last``), so a task
+receives two strings, never a list of recipients.
+"""
+
+import asyncio
+import random
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col
+
+from pagecast.errors import (
+    AmbiguousDelivery,
+    GraphError,
+    JobFatalGraphError,
+    LeaseLost,
+    RecipientGraphError,
+    ThrottledError,
+    TransientGraphError,
+)
+from pagecast.graph import GraphClient
+from pagecast.lifecycle import Lease
+from pagecast.models import MAX_TEXT_LENGTH, JobStatus, MessagingType, RecipientStatus, SendJob
+from pagecast.ratelimit import Pacer
+from pagecast.validation import render_text
+
+TRANSIENT_TRIES = 3
+THROTTLE_TRIES = 20
+RETRY_BASE_SECONDS = 0.5
+CONTROL_POLL_SECONDS = 1.0
+MAX_ERROR_SAMPLES = 5
+OUTSIDE_WINDOW = "outside_24h_window"
+TEXT_TOO_LONG = "rendered_text_too_long"
+
+
+@dataclass(frozen=True)
+class ChunkBounds:
+    """PSIDs ``after`` < psid ≤ ``last`` of one job."""
+
+    after: str
+    last: str
+
+
+def next_chunk_bounds(
+    session: Session, *, job_id: uuid.UUID, after: str, chunk_size: int, chunks: int
+) -> list[ChunkBounds]:
+    """Bounds of up to ``chunks`` chunks of pending recipients after ``after`` (keyset paging)."""
+    psids = (
+        session.execute(
+            sa.text(
+                "SELECT psid FROM send_job_recipients WHERE job_id = :job_id AND status = 'pending' "
+                "AND psid > :after ORDER BY psid LIMIT :limit"
+            ),
+            {"job_id": job_id, "after": after, "limit": chunk_size * chunks},
+        )
+        .scalars()
+        .all()
+    )
+    bounds, start = [], after
+    for index in range(0, len(psids), chunk_size):
+        last = psids[min(index + chunk_size, len(psids)) - 1]
+        bounds.append(ChunkBounds(after=start, last=last))
+        start = last
+    return bounds
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    psid: str
+    text: str
+    outside_window: bool
+
+
+_CLAIM_ROWS = sa.text(
+    """
+    WITH claimed AS (
+        UPDATE send_job_recipients r SET status = 'sending', attempts = r.attempts + 1
+        FROM send_jobs j
+        WHERE r.job_id = :job_id AND j.id = r.job_id AND j.lease_owner = :owner
+          AND j.attempt = :attempt AND j.status = 'running' AND NOT j.cancel_requested
+          AND r.status = 'pending' AND r.psid > :after AND r.psid <= :last
+        RETURNING r.psid, r.first_name, r.last_name, j.page_id
+    )
+    SELECT c.psid, COALESCE(c.first_name, ct.first_name), COALESCE(c.last_name, ct.last_name),
+           COALESCE(ct.last_interaction_at < now() - interval '24 hours', false)
+    FROM claimed c LEFT JOIN contacts ct ON ct.page_id = c.page_id AND ct.psid = c.psid
+    ORDER BY c.psid
+    """
+)
+
+_RECORD_ROWS = sa.text(
+    """
+    UPDATE send_job_recipients r SET status = v.status, message_id = v.message_id,
+        error_code = v.code, error_subcode = v.subcode, error_message = v.message,
+        retryable = v.retryable, attempts = r.attempts + v.extra_calls
+    FROM unnest(CAST(:psids AS text[]), CAST(:statuses AS text[]), CAST(:message_ids AS text[]),
+                CAST(:codes AS int[]), CAST(:subcodes AS int[]), CAST(:messages AS text[]),
+                CAST(:retryable AS boolean[]), CAST(:extra_calls AS int[]))
+         AS v(psid, status, message_id, code, subcode, message, retryable, extra_calls)
+    WHERE r.job_id = :job_id AND r.psid = v.psid AND r.status = 'sending'
+    """
+)
+
+
+@dataclass
+class Outcome:
+    """What happened to one claimed recipient."""
+
+    psid: str
+    status: RecipientStatus
+    calls: int = 1
+    message_id: str | None = None
+    error: GraphError | None = None
+    reason: str | None = None
+    retryable: bool = False
+
+
+@dataclass
+class ChunkResult:
+    """Counts of one chunk, and why it stopped early if it did."""
+
+    sent: int = 0
+    failed: int = 0
+    skipped: int = 0
+    unknown: int = 0
+    requeued: int = 0
+    permanent_failures: int = 0
+    fatal_error: str | None = None
+    stopped: bool = False
+    by_code: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def _summary(existing: dict[str, Any], outcomes: list[Outcome]) -> dict[str, Any]:
+    by_code = Counter(existing.get("by_code") or {})
+    samples = list(existing.get("samples") or [])
+    known = {sample["code"] for sample in samples}
+    for outcome in outcomes:
+        if outcome.error is None or outcome.status == RecipientStatus.PENDING:
+            continue
+        key = outcome.error.code_key
+        by_code[key] += 1
+        if key not in known and len(samples) < MAX_ERROR_SAMPLES:
+            samples.append({"code": key, "message": outcome.error.message[:300]})
+            known.add(key)
+    return {"by_code": dict(by_code), "samples": samples}
+
+
+def record_outcomes(
+    session: Session, *, lease: Lease, outcomes: list[Outcome], fatal: GraphError | None
+) -> ChunkResult:
+    """Write every outcome and the job's counters in one transaction, fenced by the lease."""
+    summary_row = session.execute(
+        sa.text(
+            "SELECT error_summary FROM send_jobs WHERE id = :job_id AND lease_owner = :owner "
+            "AND attempt = :attempt FOR UPDATE"
+        ),
+        {"job_id": lease.job_id, "owner": lease.owner, "attempt": lease.attempt},
+    ).first()
+    if summary_row is None:
+        raise LeaseLost(lease.job_id)
+    session.execute(
+        _RECORD_ROWS,
+        {
+            "job_id": lease.job_id,
+            "psids": [o.psid for o in outcomes],
+            "statuses": [o.status.value for o in outcomes],
+            "message_ids": [o.message_id for o in outcomes],
+            "codes": [o.error.code if o.error else None for o in outcomes],
+            "subcodes": [o.error.subcode if o.error else None for o in outcomes],
+            "messages": [
+                o.reason or (o.error.message[:500] if o.error else None) for o in outcomes
+            ],
+            "retryable": [o.retryable for o in outcomes],
+            "extra_calls": [o.calls - 1 for o in outcomes],
+        },
+    )
+    counts = Counter(o.status for o in outcomes)
+    summary = _summary(summary_row[0], outcomes)
+    session.execute(
+        sa.update(SendJob)
+        .where(col(SendJob.id) == lease.job_id)
+        .values(
+            sent=SendJob.sent + counts[RecipientStatus.SENT],
+            failed=SendJob.failed + counts[RecipientStatus.FAILED],
+            skipped=SendJob.skipped + counts[RecipientStatus.SKIPPED],
+            unknown=SendJob.unknown + counts[RecipientStatus.UNKNOWN],
+            error_summary=summary,
+            heartbeat_at=sa.func.now(),
+            **(
+                {
+                    "status": JobStatus.FAILED.value,
+                    "last_error": f"{fatal.code_key}: {fatal.message}",
+                }
+                if fatal is not None
+                else {}
+            ),
+        )
+    )
+    chunk_codes = Counter(
+        o.error.code_key for o in outcomes if o.error and o.status != RecipientStatus.PENDING
+    )
+    return ChunkResult(
+        sent=counts[RecipientStatus.SENT],
+        failed=counts[RecipientStatus.FAILED],
+        skipped=counts[RecipientStatus.SKIPPED],
+        unknown=counts[RecipientStatus.UNKNOWN],
+        requeued=counts[RecipientStatus.PENDING],
+        permanent_failures=sum(
+            1 for o in outcomes if o.status == RecipientStatus.FAILED and not o.retryable
+        ),
+        fatal_error=None if fatal is None else f"{fatal.code_key}: {fatal.message}",
+        by_code=dict(chunk_codes),
+    )
+
+
+def _backoff(tries: int) -> float:
+    return RETRY_BASE_SECONDS * 2 ** (tries - 1) * random.uniform(0.5, 1.5)
+
+
+@dataclass(frozen=True)
+class _Retry:
+    error: GraphError
+    throttled: bool
+
+
+class ChunkSender:
+    """Sends one chunk's claimed recipients within the job's concurrency and the page's rate.
+
+    Throttled calls wait for the page's slowed-down schedule; other transient failures back off
+    exponentially (with jitter), up to ``TRANSIENT_TRIES`` calls, then fail as retryable. A
+    job-fatal error, a cancel or pause request, or a lost lease stops the chunk: recipients not yet
+    called go back to ``pending``."""
+
+    def __init__(
+        self, engine: sa.Engine, *, lease: Lease, job: SendJob, client: GraphClient
+    ) -> None:
+        self._engine = engine
+        self._lease = lease
+        self._job = job
+        self._client = client
+        self._slots = asyncio.Semaphore(job.concurrency)
+        self._stop = asyncio.Event()
+        self._pacer = Pacer(engine, page_id=job.page_id, rate=job.rate_per_second, expected=0)
+        self.fatal: JobFatalGraphError | None = None
+        self.stopped = False
+
+    async def _attempt(self, recipient: _Claimed, calls: int) -> Outcome | _Retry:
+        job, psid = self._job, recipient.psid
+        try:
+            result = await self._client.send_text(
+                page_id=job.page_id,
+                psid=psid,
+                text=recipient.text,
+                messaging_type=job.messaging_type,
+                tag=job.tag,
+            )
+        except ThrottledError as exc:
+            await self._pacer.throttled()
+            return _Retry(exc, throttled=True)
+        except TransientGraphError as exc:
+            return _Retry(exc, throttled=False)
+        except RecipientGraphError as exc:
+            status = RecipientStatus.SKIPPED if exc.skip_reason else RecipientStatus.FAILED
+            return Outcome(psid, status, calls, error=exc, reason=exc.skip_reason)
+        except JobFatalGraphError as exc:
+            self.fatal = self.fatal or exc
+            self._stop.set()
+            return Outcome(psid, RecipientStatus.PENDING, calls)
+        except AmbiguousDelivery as exc:
+            if job.resend_unknown:
+                return Outcome(psid, RecipientStatus.PENDING, calls)
+            return Outcome(psid, RecipientStatus.UNKNOWN, calls, error=exc)
+        await self._pacer.observe_usage(result.usage_percent)
+        return Outcome(psid, RecipientStatus.SENT, calls, message_id=result.message_id)
+
+    async def _deliver(self, recipient: _Claimed) -> Outcome:
+        calls = transient = throttled = 0
+        while True:
+            async with self._slots:
+                if self._stop.is_set():
+                    return Outcome(recipient.psid, RecipientStatus.PENDING, calls)
+                await self._pacer.wait_for_slot()
+                if self._stop.is_set():
+                    return Outcome(recipient.psid, RecipientStatus.PENDING, calls)
+                calls += 1
+                result = await self._attempt(recipient, calls)
+            if isinstance(result, Outcome):
+                return result
+            if result.throttled:
+                throttled += 1
+                exhausted, wait = throttled >= THROTTLE_TRIES, 0.0
+            else:
+                transient += 1
+                exhausted, wait = transient >= TRANSIENT_TRIES, _backoff(transient)
+            if exhausted:
+                return Outcome(
+                    recipient.psid,
+                    RecipientStatus.FAILED,
+                    calls,
+                    error=result.error,
+                    retryable=True,
+                )
+            self._pacer.expect_more()
+            await asyncio.sleep(wait)
+
+    def _should_stop(self) -> bool:
+        with self._engine.connect() as connection:
+            row = connection.execute(
+                sa.text(
+                    "SELECT status, cancel_requested, lease_owner, attempt FROM send_jobs WHERE id = :id"
+                ),
+                {"id": self._lease.job_id},
+            ).one()
+        status, cancel_requested, owner, attempt = row
+        return (
+            status != JobStatus.RUNNING
+            or cancel_requested
+            or (owner, attempt) != (self._lease.owner, self._lease.attempt)
+        )
+
+    async def _watch(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(CONTROL_POLL_SECONDS)
+            if await asyncio.to_thread(self._should_stop):
+                self.stopped = True
+                self._stop.set()
+
+    async def run(self, recipients: list[_Claimed]) -> list[Outcome]:
+        """Send to every recipient that needs a call; returns one outcome per recipient."""
+        outcomes, to_send = [], []
+        for recipient in recipients:
+            if recipient.outside_window:
+                outcomes.append(
+                    Outcome(recipient.psid, RecipientStatus.SKIPPED, 0, reason=OUTSIDE_WINDOW)
+                )
+            elif len(recipient.text) > MAX_TEXT_LENGTH:
+                outcomes.append(
+                    Outcome(recipient.psid, RecipientStatus.FAILED, 0, reason=TEXT_TOO_LONG)
+                )
+            else:
+                to_send.append(recipient)
+        self._pacer.expect_more(len(to_send))
+        watcher = asyncio.create_task(self._watch())
+        try:
+            outcomes.extend(await asyncio.gather(*(self._deliver(r) for r in to_send)))
+        finally:
+            watcher.cancel()
+        return outcomes
+
+
+def _claim(
+    session: Session, *, lease: Lease, bounds: ChunkBounds
+) -> tuple[SendJob, list[_Claimed]]:
+    job = session.get(SendJob, lease.job_id, populate_existing=True)
+    assert job is not None
+    rows = session.execute(
+        _CLAIM_ROWS,
+        {
+            "job_id": lease.job_id,
+            "owner": lease.owner,
+            "attempt": lease.attempt,
+            "after": bounds.after,
+            "last": bounds.last,
+        },
+    ).all()
+    windowed = job.messaging_type != MessagingType.MESSAGE_TAG
+    claimed = [
+        _Claimed(
+            psid=psid,
+            text=render_text(job.text, first_name=first, last_name=last),
+            outside_window=windowed and outside,
+        )
+        for psid, first, last, outside in rows
+    ]
+    return job, claimed
+
+
+async def send_chunk(
+    engine: sa.Engine,
+    *,
+    lease: Lease,
+    bounds: ChunkBounds,
+    client_factory: Callable[[int], GraphClient],
+) -> ChunkResult:
+    """Claim the chunk's pending rows, send them, and record the outcomes (see module docstring).
+
+    ``client_factory(concurrency)`` builds the Graph client for this chunk."""
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        job, claimed = _claim(session, lease=lease, bounds=bounds)
+    if not claimed:
+        return ChunkResult()
+    async with client_factory(job.concurrency) as client:
+        sender = ChunkSender(engine, lease=lease, job=job, client=client)
+        outcomes = await sender.run(claimed)
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        result = record_outcomes(session, lease=lease, outcomes=outcomes, fatal=sender.fatal)
+    result.stopped = sender.stopped
+    return result

@@ -1,0 +1,150 @@
+"""Driving one run of a job: claim, waves of chunks, heartbeat, error threshold, finish.
+
+The Prefect flow (``flows/send_job.py``) maps ``send_chunk`` tasks over each wave; this module holds
+the decisions, so they are tested without Prefect."""
+
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from pagecast import lifecycle
+from pagecast.chunks import ChunkBounds, ChunkResult, next_chunk_bounds
+from pagecast.errors import LeaseLost
+from pagecast.lifecycle import Lease
+from pagecast.models import JobStatus, SendJob
+from pagecast.settings import Settings
+
+ERROR_WINDOW_ATTEMPTS = 500
+ERROR_WINDOW_MINIMUM = 100
+ERROR_THRESHOLD = 0.2
+
+
+@dataclass
+class ErrorWindow:
+    """Permanent failures among the last ~500 attempts, at chunk granularity (as listmonk does)."""
+
+    attempts: int = ERROR_WINDOW_ATTEMPTS
+    threshold: float = ERROR_THRESHOLD
+    minimum: int = ERROR_WINDOW_MINIMUM
+    _chunks: deque[tuple[int, int]] = field(default_factory=deque)
+
+    def add(self, result: ChunkResult) -> None:
+        self._chunks.append((result.sent + result.failed, result.permanent_failures))
+        while sum(a for a, _ in self._chunks) - self._chunks[0][0] >= self.attempts:
+            self._chunks.popleft()
+
+    def exceeded(self) -> str | None:
+        """The reason to pause, when permanent failures pass the threshold."""
+        attempts = sum(a for a, _ in self._chunks)
+        failures = sum(f for _, f in self._chunks)
+        if attempts >= self.minimum and failures > self.threshold * attempts:
+            return (
+                f"paused automatically: {failures} of the last {attempts} attempts failed "
+                f"permanently (over {self.threshold:.0%})"
+            )
+        return None
+
+
+class JobRun:
+    """One runner's hold on one job, from claim to finish."""
+
+    def __init__(
+        self, engine: sa.Engine, settings: Settings, *, job_id: uuid.UUID, owner: str
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.job_id = job_id
+        self.owner = owner
+        self.lease: Lease | None = None
+        self.totals = ChunkResult()
+        self._after = ""
+        self._errors = ErrorWindow()
+        self._stop_reason: str | None = None
+
+    def claim(self) -> Lease | None:
+        """Take the job; ``None`` when it is not ours to run (held, ended, paused or not due)."""
+        with Session(self.engine) as session, session.begin():
+            self.lease = lifecycle.claim_job(
+                session,
+                job_id=self.job_id,
+                owner=self.owner,
+                lease_seconds=self.settings.lease_seconds,
+            )
+        return self.lease
+
+    def _job_state(self) -> SendJob:
+        assert self.lease is not None
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            return lifecycle.heartbeat(session, lease=self.lease)
+
+    def next_wave(self) -> list[ChunkBounds]:
+        """Bounds of the next chunks to send, or ``[]`` when the run is done or must stop."""
+        if self._stop_reason is not None:
+            return []
+        job = self._job_state()
+        if job.status != JobStatus.RUNNING or job.cancel_requested:
+            return []
+        with Session(self.engine) as session:
+            wave = next_chunk_bounds(
+                session,
+                job_id=self.job_id,
+                after=self._after,
+                chunk_size=self.settings.chunk_size,
+                chunks=self.settings.parallel_chunks,
+            )
+        if wave:
+            self._after = wave[-1].last
+        return wave
+
+    def absorb(self, results: list[ChunkResult]) -> None:
+        """Add a wave's results; pause the job if too many recipients fail permanently."""
+        for result in results:
+            for name in ("sent", "failed", "skipped", "unknown", "requeued", "permanent_failures"):
+                setattr(self.totals, name, getattr(self.totals, name) + getattr(result, name))
+            for code, count in result.by_code.items():
+                self.totals.by_code[code] = self.totals.by_code.get(code, 0) + count
+            self.totals.fatal_error = self.totals.fatal_error or result.fatal_error
+            self._errors.add(result)
+        if self.totals.fatal_error:
+            self._stop_reason = self.totals.fatal_error
+            return
+        reason = self._errors.exceeded()
+        if reason is not None and self.lease is not None:
+            with Session(self.engine) as session, session.begin():
+                lifecycle.pause_running_job(session, lease=self.lease, reason=reason)
+            self._stop_reason = reason
+
+    def finish(self) -> SendJob:
+        """Settle the job's final status and release the lease."""
+        assert self.lease is not None
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            return lifecycle.finish_job(session, lease=self.lease)
+
+    @contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Keep the lease alive from a background thread while the body runs."""
+        stop = threading.Event()
+        interval = max(1.0, self.settings.lease_seconds / 4)
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    self._job_state()
+                except LeaseLost:
+                    return
+
+        thread = threading.Thread(
+            target=beat, name=f"pagecast-heartbeat-{self.job_id}", daemon=True
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
