@@ -27,7 +27,9 @@ def make_settings(database_url: str, sandbox_url: str, **overrides) -> Settings:
     )
 
 
-def create_job(engine: sa.Engine, count: int, *, text="Hi {first_name}", rate=300.0, concurrency=50, **kw):
+def create_job(
+    engine: sa.Engine, count: int, *, text="Hi {first_name}", rate=300.0, concurrency=50, **kw
+):
     psids = [str(10**15 + i) for i in range(count)]
     request = repo.JobRequest(
         page_id=kw.pop("page_id", PAGE),
@@ -41,7 +43,9 @@ def create_job(engine: sa.Engine, count: int, *, text="Hi {first_name}", rate=30
         return repo.create_job(session, request=request).job
 
 
-async def run_job(engine: sa.Engine, settings: Settings, job_id: uuid.UUID, *, token="tok", owner=None):
+async def run_job(
+    engine: sa.Engine, settings: Settings, job_id: uuid.UUID, *, token="tok", owner=None
+):
     run = JobRun(engine, settings, job_id=job_id, owner=owner or f"test-{uuid.uuid4().hex[:8]}")
     if run.claim() is None:
         return None
@@ -49,7 +53,10 @@ async def run_job(engine: sa.Engine, settings: Settings, job_id: uuid.UUID, *, t
     with run.heartbeat():
         while wave := await asyncio.to_thread(run.next_wave):
             results = await asyncio.gather(
-                *(send_chunk(engine, lease=run.lease, bounds=b, client_factory=factory) for b in wave)
+                *(
+                    send_chunk(engine, lease=run.lease, bounds=b, client_factory=factory)
+                    for b in wave
+                )
             )
             await asyncio.to_thread(run.absorb, list(results))
     return await asyncio.to_thread(run.finish)

@@ -15,14 +15,14 @@ from tests.engine import (
 
 @pytest.fixture
 def sandbox(tmp_path):
-    config = SandboxConfig(ledger_path=tmp_path / "ledger.jsonl", seed=3)
-    with running_sandbox(config) as (url, state):
-        yield url, state, tmp_path / "ledger.jsonl"
+    path = tmp_path / "ledger.jsonl"
+    with running_sandbox(SandboxConfig(ledger_path=path, seed=3)) as (url, state):
 
+        def ledger():
+            state.stats()  # flushes the ledger file
+            return [json.loads(line) for line in path.read_text().splitlines()]
 
-def _ledger(path):
-    state_lines = path.read_text().splitlines()
-    return [json.loads(line) for line in state_lines]
+        yield url, state, ledger
 
 
 async def test_sends_every_recipient_exactly_once(engine, database_url, sandbox):
@@ -32,8 +32,184 @@ async def test_sends_every_recipient_exactly_once(engine, database_url, sandbox)
     assert finished.status == "completed"
     assert (finished.sent, finished.failed) == (2000, 0)
     assert state.stats()["duplicates"] == 0
-    psids = [r["psid"] for r in _ledger(ledger)]
+    psids = [r["psid"] for r in ledger()]
     assert len(psids) == len(set(psids)) == 2000
     assert recipient_counts(engine, job.id) == {"sent": 2000}
     assert_counters_match_rows(engine, job.id)
     assert state.stats()["token_via"] == {"header": 2000}
+
+
+async def test_transient_faults_and_throttling_still_deliver_exactly_once(
+    engine, database_url, sandbox
+):
+    url, state, ledger = sandbox
+    state.config.transient_rate = 0.1
+    state.config.rate_limit_per_page = 150
+    job = create_job(engine, 500, rate=200.0)
+    finished = await run_job(engine, make_settings(database_url, url), job.id)
+    stats = state.stats()
+    assert stats["errors"].get("613", 0) > 0
+    assert stats["errors"].get("1", 0) + stats["errors"].get("2", 0) > 0
+    assert state.stats()["duplicates"] == 0
+    delivered = {r["psid"] for r in ledger()}
+    sent = recipient_counts(engine, job.id).get("sent", 0)
+    assert len(delivered) == stats["delivered"] == sent
+    assert finished.status in ("completed", "completed_with_errors")
+    assert finished.sent + finished.failed == 500
+    assert_counters_match_rows(engine, job.id)
+
+
+async def test_rate_is_held_per_page(engine, database_url, sandbox):
+    url, state, _ = sandbox
+    job = create_job(engine, 120, rate=20.0)
+    finished = await run_job(engine, make_settings(database_url, url, chunk_size=30), job.id)
+    assert finished.status == "completed"
+    assert state.stats()["pages"]["100200300"]["max_per_second"] <= 20
+
+
+async def test_permanent_and_window_faults_end_completed_with_errors(engine, database_url, sandbox):
+    url, state, _ = sandbox
+    job = create_job(engine, 400)
+    psids = [str(10**15 + i) for i in range(400)]
+    state.config.fail_psids = (
+        {p: "551/1545041" for p in psids[:10]}
+        | {p: "100/2018001" for p in psids[10:15]}
+        | {p: "10/2018278" for p in psids[15:20]}
+    )
+    finished = await run_job(engine, make_settings(database_url, url), job.id)
+    assert finished.status == "completed_with_errors"
+    assert (finished.sent, finished.failed, finished.skipped) == (380, 15, 5)
+    assert finished.error_summary["by_code"] == {
+        "551/1545041": 10,
+        "100/2018001": 5,
+        "10/2018278": 5,
+    }
+    assert {s["code"] for s in finished.error_summary["samples"]} == {
+        "551/1545041",
+        "100/2018001",
+        "10/2018278",
+    }
+    assert_counters_match_rows(engine, job.id)
+
+
+async def test_personalisation_and_the_24_hour_window(engine, database_url, sandbox):
+    from datetime import UTC, datetime, timedelta
+
+    from pagecast import db, repo
+    from pagecast.audience import ContactRow
+
+    url, _, ledger = sandbox
+    now = datetime.now(UTC)
+    with db.session_scope(engine) as session:
+        repo.import_contacts(
+            session,
+            page_id="100200300",
+            contacts=[
+                ContactRow(
+                    "11", "Ana", "Lee", tags=("vip",), last_interaction_at=now - timedelta(hours=1)
+                ),
+                ContactRow("12", "Bo", tags=("vip",), last_interaction_at=now - timedelta(days=3)),
+                ContactRow("13", None, None, tags=("vip",)),
+            ],
+        )
+    update = create_job(engine, 0, text="Hi {full_name}!", audience=repo.TagFilter(("vip",)))
+    finished = await run_job(engine, make_settings(database_url, url), update.id)
+    assert (finished.sent, finished.skipped) == (2, 1)
+    texts = {r["psid"]: r["text"] for r in ledger()}
+    assert texts == {"11": "Hi Ana Lee!", "13": "Hi !"}
+    tagged = create_job(
+        engine,
+        0,
+        text="Hi {first_name}",
+        audience=repo.TagFilter(("vip",)),
+        messaging_type="MESSAGE_TAG",
+        tag="ACCOUNT_UPDATE",
+    )
+    finished = await run_job(engine, make_settings(database_url, url), tagged.id)
+    assert (finished.sent, finished.skipped) == (3, 0)
+
+
+async def test_revoked_token_fails_the_job_and_retry_sends_the_rest(engine, database_url, sandbox):
+    from pagecast import db, lifecycle
+
+    url, state, ledger = sandbox
+    state.config.revoke_after = 60
+    job = create_job(engine, 500)
+    settings = make_settings(database_url, url)
+    failed = await run_job(engine, settings, job.id, token="old")
+    assert failed.status == "failed"
+    assert failed.last_error.startswith("190/460")
+    assert failed.sent < 500
+    sent_before = failed.sent
+    assert recipient_counts(engine, job.id).get("pending", 0) == 500 - sent_before
+    with db.session_scope(engine) as session:
+        lifecycle.requeue_job(session, job_id=job.id)
+    finished = await run_job(engine, settings, job.id, token="new")
+    assert finished.status == "completed"
+    assert finished.sent == 500
+    assert state.stats()["duplicates"] == 0
+    assert len(ledger()) == 500
+
+
+async def test_two_runs_started_together_send_once(engine, database_url, sandbox):
+    import asyncio
+
+    url, state, _ = sandbox
+    job = create_job(engine, 300)
+    settings = make_settings(database_url, url)
+    results = await asyncio.gather(
+        run_job(engine, settings, job.id), run_job(engine, settings, job.id)
+    )
+    assert sorted(r is None for r in results) == [False, True]
+    assert state.stats()["delivered"] == 300
+    assert state.stats()["duplicates"] == 0
+
+
+async def test_cancel_mid_job(engine, database_url, sandbox):
+    import asyncio
+
+    from pagecast import db, lifecycle
+
+    url, state, _ = sandbox
+    job = create_job(engine, 400, rate=40.0)
+    task = asyncio.create_task(run_job(engine, make_settings(database_url, url), job.id))
+    while job_row(engine, job.id).sent < 40:
+        await asyncio.sleep(0.1)
+    with db.session_scope(engine) as session:
+        lifecycle.cancel_job(session, job_id=job.id)
+    finished = await asyncio.wait_for(task, timeout=15)
+    assert finished.status == "cancelled"
+    assert finished.sent < 400
+    assert finished.sent == state.stats()["delivered"]
+    assert finished.sent + finished.skipped == 400
+    assert_counters_match_rows(engine, job.id)
+
+
+async def test_too_many_permanent_failures_pause_the_job(engine, database_url, sandbox):
+    from pagecast import db, lifecycle
+
+    url, state, _ = sandbox
+    state.config.permanent_rate = 0.5
+    job = create_job(engine, 1000)
+    paused = await run_job(engine, make_settings(database_url, url), job.id)
+    assert paused.status == "paused"
+    assert "failed permanently" in paused.last_error
+    assert recipient_counts(engine, job.id).get("pending", 0) > 0
+    state.config.permanent_rate = 0.0
+    with db.session_scope(engine) as session:
+        lifecycle.resume_job(session, job_id=job.id)
+    finished = await run_job(engine, make_settings(database_url, url), job.id)
+    assert finished.status == "completed_with_errors"
+    assert_counters_match_rows(engine, job.id)
+
+
+async def test_ambiguous_deliveries_are_unknown_never_resent(engine, database_url, sandbox):
+    url, state, _ = sandbox
+    state.config.ambiguous_rate = 0.05
+    job = create_job(engine, 300)
+    finished = await run_job(engine, make_settings(database_url, url), job.id)
+    assert finished.status == "completed_with_errors"
+    assert finished.unknown > 0
+    assert finished.sent + finished.unknown == 300
+    assert state.stats()["delivered"] == 300
+    assert state.stats()["duplicates"] == 0
