@@ -140,17 +140,26 @@ class ChunkResult:
         return self.__dict__.copy()
 
 
+def _outcome_key(outcome: Outcome) -> str | None:
+    """What a settled, unsent outcome counts under: the Graph error code, or the reason no call
+    was made (``outside_24h_window``, ``rendered_text_too_long``)."""
+    if outcome.status in (RecipientStatus.PENDING, RecipientStatus.SENT):
+        return None
+    return outcome.error.code_key if outcome.error else outcome.reason
+
+
 def _summary(existing: dict[str, Any], outcomes: list[Outcome]) -> dict[str, Any]:
     by_code = Counter(existing.get("by_code") or {})
     samples = list(existing.get("samples") or [])
     known = {sample["code"] for sample in samples}
     for outcome in outcomes:
-        if outcome.error is None or outcome.status == RecipientStatus.PENDING:
+        key = _outcome_key(outcome)
+        if key is None:
             continue
-        key = outcome.error.code_key
         by_code[key] += 1
         if key not in known and len(samples) < MAX_ERROR_SAMPLES:
-            samples.append({"code": key, "message": outcome.error.message[:300]})
+            message = outcome.error.message[:300] if outcome.error else key.replace("_", " ")
+            samples.append({"code": key, "message": message})
             known.add(key)
     return {"by_code": dict(by_code), "samples": samples}
 
@@ -206,9 +215,7 @@ def record_outcomes(
             ),
         )
     )
-    chunk_codes = Counter(
-        o.error.code_key for o in outcomes if o.error and o.status != RecipientStatus.PENDING
-    )
+    chunk_codes = Counter(key for o in outcomes if (key := _outcome_key(o)) is not None)
     return ChunkResult(
         sent=counts[RecipientStatus.SENT],
         failed=counts[RecipientStatus.FAILED],

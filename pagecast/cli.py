@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pagecast import db, repo
+from pagecast import db, launch, lifecycle, repo
 from pagecast.audience import ParsedRecipients, read_contacts, read_recipients
 from pagecast.errors import ConfigurationError, InvalidInput, PagecastError
 from pagecast.models import JobStatus, MessagingType, SendJob
@@ -283,6 +283,116 @@ def job_list(
             job.created_at.isoformat(timespec="seconds"),
         )
     stdout.print(table)
+
+
+def _run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
+    engine = db.ready_engine(settings)
+    log_path = settings.home / "logs" / f"send-job-{job_id}.log"
+    process = launch.start_flow(settings, job_id, log_path=log_path)
+    try:
+        job = launch.watch(engine, job_id, process, stderr)
+    except KeyboardInterrupt:
+        process.terminate()
+        raise
+    stdout.print(launch.summary_table(job))
+    if process.returncode != 0:
+        stderr.print(f"[red]the flow run failed[/]; its log: {log_path}")
+    if job.status not in launch.SUCCESSFUL:
+        raise typer.Exit(1)
+
+
+@job_app.command("run")
+@_handles_errors
+def job_run(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
+    """Run the send-job flow for a job with a progress bar, then print the summary.
+
+    Exit code 0 when the job completes (with or without errors), 1 otherwise."""
+    _run_and_watch(_settings(), _parse_job_id(job_id))
+
+
+@job_app.command("cancel")
+@_handles_errors
+def job_cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
+    """Cancel a job: at once if idle, else its runner stops within seconds."""
+    with db.session_scope(db.ready_engine(_settings())) as session:
+        job = lifecycle.cancel_job(session, job_id=_parse_job_id(job_id))
+    stderr.print(
+        f"job {job.id}: {'cancelled' if job.status == JobStatus.CANCELLED else 'cancel requested'}"
+    )
+
+
+@job_app.command("pause")
+@_handles_errors
+def job_pause(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
+    """Pause a job without losing its place; `pagecast job resume` continues it."""
+    with db.session_scope(db.ready_engine(_settings())) as session:
+        lifecycle.pause_job(session, job_id=_parse_job_id(job_id))
+    stderr.print(f"job {job_id} paused")
+
+
+@job_app.command("resume")
+@_handles_errors
+def job_resume(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    run: Annotated[bool, typer.Option(help="Run the job now (else a sweep picks it up).")] = True,
+) -> None:
+    """Make a paused job pending again and run it."""
+    settings = _settings()
+    with db.session_scope(db.ready_engine(settings)) as session:
+        job = lifecycle.resume_job(session, job_id=_parse_job_id(job_id))
+    stderr.print(f"job {job.id} resumed")
+    if run:
+        _run_and_watch(settings, job.id)
+
+
+@job_app.command("retry")
+@_handles_errors
+def job_retry(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    include_unknown: Annotated[
+        bool, typer.Option(help="Also resend recipients whose delivery is unknown (may duplicate).")
+    ] = False,
+    run: Annotated[bool, typer.Option(help="Run the job now (else a sweep picks it up).")] = True,
+) -> None:
+    """Re-queue transient failures (and unknowns with --include-unknown) and run the job again."""
+    settings = _settings()
+    with db.session_scope(db.ready_engine(settings)) as session:
+        requeued = lifecycle.requeue_job(
+            session, job_id=_parse_job_id(job_id), include_unknown=include_unknown
+        )
+    stderr.print(f"re-queued {requeued.failed} failed and {requeued.unknown} unknown recipients")
+    if run:
+        _run_and_watch(settings, _parse_job_id(job_id))
+
+
+@app.command("demo")
+@_handles_errors
+def demo(
+    contacts: Annotated[
+        int, typer.Option(min=10, max=100_000, help="How many contacts to generate.")
+    ] = 2400,
+) -> None:
+    """Broadcast to generated contacts through the local sandbox, with a progress bar and a summary."""
+    from pagecast import demo as demo_kit
+
+    settings = _settings()
+    home = settings.home.expanduser().resolve()
+    engine = db.ready_engine(settings)
+    with demo_kit.demo_sandbox(home) as (url, sandbox):
+        demo_kit.point_at_sandbox(url)
+        job = demo_kit.create_demo_job(engine, home, contacts=contacts)
+        stderr.print(
+            f"sandbox on {url}; job {job.id}: {job.total} of {contacts} contacts "
+            f"(opted-out ones excluded), {job.rate_per_second:g} msg/s, concurrency {job.concurrency}"
+        )
+        try:
+            _run_and_watch(settings, job.id)
+        finally:
+            stats = sandbox.stats()
+            stderr.print(
+                f"sandbox ledger: {stats['delivered']} delivered, {stats['duplicates']} duplicates, "
+                f"faults injected: {stats['errors']}"
+            )
 
 
 @sandbox_app.command("serve")

@@ -259,6 +259,19 @@ def requeue_job(session: Session, *, job_id: uuid.UUID, include_unknown: bool = 
         ),
         {"job_id": job_id, "include_unknown": include_unknown},
     ).one()
+    pending = session.execute(
+        sa.text(
+            "SELECT count(*) FROM send_job_recipients WHERE job_id = :job_id AND status = 'pending'"
+        ),
+        {"job_id": job_id},
+    ).scalar_one()
+    if pending == 0:
+        hint = (
+            ""
+            if include_unknown or not job.unknown
+            else " (pass --include-unknown to resend unknowns)"
+        )
+        raise InvalidInput(f"job_id: job {job_id} has nothing to retry{hint}")
     session.execute(
         sa.text(
             "UPDATE send_jobs SET status = 'pending', failed = failed - :failed, "

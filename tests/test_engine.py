@@ -115,6 +115,7 @@ async def test_personalisation_and_the_24_hour_window(engine, database_url, sand
     update = create_job(engine, 0, text="Hi {full_name}!", audience=repo.TagFilter(("vip",)))
     finished = await run_job(engine, make_settings(database_url, url), update.id)
     assert (finished.sent, finished.skipped) == (2, 1)
+    assert finished.error_summary["by_code"] == {"outside_24h_window": 1}
     texts = {r["psid"]: r["text"] for r in ledger()}
     assert texts == {"11": "Hi Ana Lee!", "13": "Hi !"}
     tagged = create_job(
@@ -213,3 +214,48 @@ async def test_ambiguous_deliveries_are_unknown_never_resent(engine, database_ur
     assert finished.sent + finished.unknown == 300
     assert state.stats()["delivered"] == 300
     assert state.stats()["duplicates"] == 0
+
+
+_KILLABLE_RUN = """
+import asyncio, sys, uuid
+from pagecast import db
+from tests.engine import make_settings, run_job
+settings = make_settings(sys.argv[1], sys.argv[2], lease_seconds=5)
+asyncio.run(run_job(db.engine_for(sys.argv[1]), settings, uuid.UUID(sys.argv[3])))
+"""
+
+
+async def test_killed_runner_is_taken_over_without_duplicates(engine, database_url, sandbox):
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    url, state, ledger = sandbox
+    state.config.latency_ms = 300
+    job = create_job(engine, 300, rate=100.0, concurrency=40)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE_RUN, database_url, url, str(job.id)],
+        cwd=os.getcwd(),
+    )
+    try:
+        while job_row(engine, job.id).sent < 40:
+            assert process.poll() is None, "the runner ended before it could be killed"
+            await asyncio.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    in_flight = recipient_counts(engine, job.id).get("sending", 0)
+    assert in_flight > 0
+    settings = make_settings(database_url, url, lease_seconds=5)
+    assert await run_job(engine, settings, job.id) is None  # the dead runner's lease still holds
+    await asyncio.sleep(5.5)
+    finished = await run_job(engine, settings, job.id)
+    assert finished.status == "completed_with_errors"
+    assert finished.unknown == in_flight
+    assert finished.sent + finished.unknown == 300
+    psids = [r["psid"] for r in ledger()]
+    assert len(psids) == len(set(psids))
+    assert state.stats()["duplicates"] == 0
+    assert_counters_match_rows(engine, job.id)

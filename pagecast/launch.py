@@ -1,0 +1,98 @@
+"""Running the send-job flow from the command line: a child process runs the Prefect flow (an
+ephemeral Prefect server unless ``PREFECT_API_URL`` is set) while this one shows its progress from
+the job's counters in Postgres."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlmodel import Session
+
+from pagecast.errors import ConfigurationError
+from pagecast.models import JobStatus, SendJob
+from pagecast.reports import job_summary_rows
+from pagecast.settings import Settings
+
+POLL_SECONDS = 0.5
+SUCCESSFUL = (JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS)
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_root() -> Path:
+    """The checkout holding ``flows/``: the flow runs from there, as ``prefect.yaml`` says."""
+    if not (_PROJECT_ROOT / "flows" / "send_job.py").is_file():
+        raise ConfigurationError(
+            f"flows/send_job.py not found under {_PROJECT_ROOT}: run from a checkout"
+        )
+    return _PROJECT_ROOT
+
+
+def start_flow(settings: Settings, job_id: uuid.UUID, *, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``flows/send_job.py`` for the job in a child process logging to ``log_path``; it
+    uses the same database (the embedded one too) as this process."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PAGECAST_HOME": str(settings.home.expanduser().resolve()),
+    }
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.send_job", str(job_id)],
+            cwd=project_root(),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _job(engine: sa.Engine, job_id: uuid.UUID) -> SendJob:
+    with Session(engine, expire_on_commit=False) as session:
+        job = session.get(SendJob, job_id)
+    assert job is not None
+    return job
+
+
+def _counts(job: SendJob) -> str:
+    return (
+        f"[green]{job.sent} sent[/] [red]{job.failed} failed[/] "
+        f"[yellow]{job.skipped} skipped[/] [magenta]{job.unknown} unknown[/]"
+    )
+
+
+def watch(
+    engine: sa.Engine, job_id: uuid.UUID, process: subprocess.Popen[bytes], console: Console
+) -> SendJob:
+    """Show a progress bar from the job's counters until the flow process exits."""
+    job = _job(engine, job_id)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("sending", total=job.total, counts=_counts(job))
+        while True:
+            finished = process.poll() is not None
+            job = _job(engine, job_id)
+            done = job.sent + job.failed + job.skipped + job.unknown
+            progress.update(bar, completed=done, counts=_counts(job), description=job.status)
+            if finished:
+                return job
+            time.sleep(POLL_SECONDS)
+
+
+def summary_table(job: SendJob) -> Table:
+    """The job's summary as a rich table."""
+    table = Table("", "count", "detail", title=f"job {job.id}")
+    for row in job_summary_rows(job):
+        table.add_row(row["item"], str(row["value"]), str(row["detail"]))
+    return table
