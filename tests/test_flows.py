@@ -1,0 +1,155 @@
+"""The Prefect shell, run against one ``prefect_test_harness`` for the whole session."""
+
+import json
+import uuid
+
+import pytest
+from prefect.blocks.system import Secret
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from pagecast.sandbox import SandboxConfig, running_sandbox
+from pagecast.settings import get_settings
+from tests.engine import PAGE, assert_counters_match_rows, create_job, job_row
+
+TOKEN = "flow-test-token-3f9a1c"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def sandbox(tmp_path, database_url, monkeypatch, prefect_harness):
+    path = tmp_path / "ledger.jsonl"
+    with running_sandbox(SandboxConfig(ledger_path=path)) as (url, state):
+        monkeypatch.setenv("PAGECAST_DATABASE_URL", database_url)
+        monkeypatch.setenv("PAGECAST_GRAPH_API_URL", url)
+        monkeypatch.setenv("PAGECAST_CHUNK_SIZE", "100")
+        monkeypatch.setenv(f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}", TOKEN)
+        get_settings.cache_clear()
+
+        def ledger():
+            state.stats()
+            return [json.loads(line) for line in path.read_text().splitlines()]
+
+        yield state, ledger
+    get_settings.cache_clear()
+
+
+def _artifacts_text(client, flow_run_id: uuid.UUID) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    artifacts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    )
+    return json.dumps([a.model_dump(mode="json") for a in artifacts])
+
+
+def test_flow_sends_a_job_exactly_once(engine, sandbox):
+    from flows.send_job import send_job
+
+    state, ledger = sandbox
+    job = create_job(engine, 1000)
+    flow_state = send_job(job.id, return_state=True)
+    assert flow_state.result()["status"] == "completed"
+    assert job_row(engine, job.id).sent == 1000
+    psids = [r["psid"] for r in ledger()]
+    assert len(psids) == len(set(psids)) == 1000
+    assert_counters_match_rows(engine, job.id)
+    assert state.stats()["token_via"] == {"header": 1000}
+
+
+def test_token_stays_out_of_parameters_and_artifacts(engine, sandbox):
+    from flows.send_job import send_job
+
+    job = create_job(engine, 50)
+    flow_state = send_job(job.id, return_state=True)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_state.state_details.flow_run_id)
+        task_runs = client.read_task_runs()
+        artifacts = _artifacts_text(client, flow_run.id)
+    assert TOKEN not in json.dumps(flow_run.parameters, default=str)
+    assert task_runs and all(TOKEN not in json.dumps(t.model_dump(mode="json")) for t in task_runs)
+    assert "sent" in artifacts and TOKEN not in artifacts
+    assert "1000000000000" not in artifacts  # no PSIDs in artifacts
+
+
+def test_second_run_of_a_finished_job_sends_nothing(engine, sandbox):
+    from flows.send_job import send_job
+
+    state, _ = sandbox
+    job = create_job(engine, 20)
+    send_job(job.id)
+    assert send_job(job.id) == {"job_id": str(job.id), "claimed": False}
+    assert state.stats()["delivered"] == 20
+
+
+def test_missing_token_fails_the_job_before_sending(engine, sandbox, monkeypatch):
+    from flows.send_job import send_job
+
+    state, _ = sandbox
+    monkeypatch.delenv(f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}")
+    monkeypatch.delenv("PAGECAST_PAGE_ACCESS_TOKEN", raising=False)
+    job = create_job(engine, 20)
+    assert send_job(job.id)["status"] == "failed"
+    failed = job_row(engine, job.id)
+    assert f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}" in failed.last_error
+    assert state.stats()["requests"] == 0
+
+
+def test_token_from_a_secret_block(engine, sandbox, monkeypatch):
+    from flows.send_job import send_job
+    from tasks.tokens import secret_block_name
+
+    state, _ = sandbox
+    monkeypatch.delenv(f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}")
+    monkeypatch.delenv("PAGECAST_PAGE_ACCESS_TOKEN", raising=False)
+    Secret(value="block-token").save(secret_block_name(PAGE), overwrite=True)
+    state.config.valid_tokens = ["block-token"]
+    job = create_job(engine, 30)
+    assert send_job(job.id)["status"] == "completed"
+    assert state.stats()["delivered"] == 30
+
+
+def _prefect_env(monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+
+
+def test_cli_job_run_shows_progress_and_exits_by_status(engine, sandbox, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from pagecast.cli import app
+
+    _prefect_env(monkeypatch)
+    monkeypatch.setenv("PAGECAST_HOME", str(tmp_path))
+    state, _ = sandbox
+    job = create_job(engine, 120)
+    result = CliRunner().invoke(app, ["job", "run", str(job.id)], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert "completed" in result.stdout and "120" in result.stdout
+    assert state.stats()["delivered"] == 120
+    state.config.revoke_after = 5
+    failing = create_job(engine, 60, text="second")
+    result = CliRunner().invoke(app, ["job", "run", str(failing.id)], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert job_row(engine, failing.id).status == "failed"
+
+
+def test_cli_demo(sandbox, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from pagecast.cli import app
+    from pagecast.demo import DEMO_PAGE_ID
+
+    _prefect_env(monkeypatch)
+    monkeypatch.setenv("PAGECAST_HOME", str(tmp_path))
+    monkeypatch.setenv(f"PAGECAST_PAGE_ACCESS_TOKEN__{DEMO_PAGE_ID}", "restored-after-the-test")
+    result = CliRunner().invoke(app, ["demo", "--contacts", "300"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert "sent" in result.stdout and "duration" in result.stdout
+    assert "0 duplicates" in result.stderr
