@@ -31,9 +31,11 @@ from pagecast.models import MAX_TEXT_LENGTH, JobStatus, MessagingType, Recipient
 from pagecast.ratelimit import Pacer
 from pagecast.validation import render_text
 
-TRANSIENT_TRIES = 3
+TRANSIENT_TRIES = 6
+UNEXPECTED_ERROR_TRIES = 4  # code 2 also means "the user blocked the page": only a few tries
 THROTTLE_TRIES = 20
 RETRY_BASE_SECONDS = 0.5
+RETRY_MAX_SECONDS = 4.0
 CONTROL_POLL_SECONDS = 1.0
 MAX_ERROR_SAMPLES = 5
 OUTSIDE_WINDOW = "outside_24h_window"
@@ -231,7 +233,7 @@ def record_outcomes(
 
 
 def _backoff(tries: int) -> float:
-    return RETRY_BASE_SECONDS * 2 ** (tries - 1) * random.uniform(0.5, 1.5)
+    return min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (tries - 1)) * random.uniform(0.5, 1.5)
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,8 @@ class ChunkSender:
     """Sends one chunk's claimed recipients within the job's concurrency and the page's rate.
 
     Throttled calls wait for the page's slowed-down schedule; other transient failures back off
-    exponentially (with jitter), up to ``TRANSIENT_TRIES`` calls, then fail as retryable. A
+    exponentially (with jitter), up to ``TRANSIENT_TRIES`` calls (``UNEXPECTED_ERROR_TRIES`` code 2
+    answers), then fail as retryable. A
     job-fatal error, a cancel or pause request, or a lost lease stops the chunk: recipients not yet
     called go back to ``pending``."""
 
@@ -291,7 +294,7 @@ class ChunkSender:
         return Outcome(psid, RecipientStatus.SENT, calls, message_id=result.message_id)
 
     async def _deliver(self, recipient: _Claimed) -> Outcome:
-        calls = transient = throttled = 0
+        calls = transient = unexpected = throttled = 0
         while True:
             async with self._slots:
                 if self._stop.is_set():
@@ -308,7 +311,9 @@ class ChunkSender:
                 exhausted, wait = throttled >= THROTTLE_TRIES, 0.0
             else:
                 transient += 1
-                exhausted, wait = transient >= TRANSIENT_TRIES, _backoff(transient)
+                unexpected += result.error.code == 2
+                exhausted = transient >= TRANSIENT_TRIES or unexpected >= UNEXPECTED_ERROR_TRIES
+                wait = _backoff(transient)
             if exhausted:
                 return Outcome(
                     recipient.psid,

@@ -434,6 +434,9 @@ def sandbox_serve(
         Path | None, typer.Option(help="Append every delivery to this JSONL file.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible random faults.")] = None,
+    usage_percent: Annotated[
+        float | None, typer.Option(help="Report this page usage % in X-Page-Usage headers.")
+    ] = None,
 ) -> None:
     """Run the Messenger Send API sandbox in the foreground."""
     fail_psids = dict(entry.split("=", 1) for entry in fail_psid or [] if "=" in entry)
@@ -450,6 +453,7 @@ def sandbox_serve(
         valid_tokens=list(token or []),
         ledger_path=ledger,
         seed=seed,
+        usage_percent=usage_percent,
     )
     stderr.print(f"Send API sandbox on http://{host}:{port} (GET /__stats for counters)")
     serve(config, host=host, port=port)

@@ -4,7 +4,8 @@ It speaks ``POST /{version}/{page_id}/messages`` and ``/{version}/me/messages`` 
 validation and error bodies, and injects faults on demand: latency and jitter, a per-page rate limit
 (code 613), transient faults (HTTP 500, codes 1/2), permanent per-PSID faults (551,
 100/2018001), outside-window faults (10/2018278), token revocation after N sends (190), and
-ambiguous faults (the message is delivered, then the connection drops). Every delivery is appended
+ambiguous faults (the message is delivered, then the connection drops), and a reported
+``X-Page-Usage`` percentage. Every delivery is appended
 to a JSONL ledger; ``GET /__stats`` reports counters, ``POST /__config`` changes the faults and
 ``POST /__reset`` clears the counters.
 """
@@ -44,6 +45,7 @@ class SandboxConfig:
     outside_window_rate: float = 0.0
     ambiguous_rate: float = 0.0
     revoke_after: int | None = None
+    usage_percent: float | None = None
     fail_psids: dict[str, str] = field(default_factory=dict)
     valid_tokens: list[str] = field(default_factory=list)
     ledger_path: Path | None = None
@@ -253,7 +255,11 @@ class Sandbox:
             assert request.transport is not None
             request.transport.abort()
             return None
-        return web.json_response({"recipient_id": psid, "message_id": message_id})
+        headers = {}
+        if self.config.usage_percent is not None:
+            usage = {"call_count": self.config.usage_percent, "total_cputime": 1, "total_time": 1}
+            headers["X-Page-Usage"] = json.dumps(usage)
+        return web.json_response({"recipient_id": psid, "message_id": message_id}, headers=headers)
 
     def _fault(self, psid: str) -> web.Response | None:
         config = self.config
@@ -352,18 +358,33 @@ def serve(config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 8765) -
 def running_sandbox(
     config: SandboxConfig, *, host: str = "127.0.0.1"
 ) -> Iterator[tuple[str, Sandbox]]:
-    """Run the sandbox on a free loopback port in a background thread; yields its base URL."""
+    """Run the sandbox on a free loopback port in a background thread with its own event loop
+    (usable from sync and async code alike); yields its base URL and its state."""
     sandbox = Sandbox(config)
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(sandbox.app(), access_log=None)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, host, 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, name="pagecast-sandbox", daemon=True)
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def serve_forever() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, host, 0).start())
+        except BaseException as exc:  # reported to the caller below
+            failure.append(exc)
+            return
+        finally:
+            ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve_forever, name="pagecast-sandbox", daemon=True)
     thread.start()
+    ready.wait()
+    if failure:
+        raise failure[0]
     try:
-        yield f"http://{host}:{port}", sandbox
+        yield f"http://{host}:{runner.addresses[0][1]}", sandbox
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)

@@ -54,8 +54,8 @@ async def test_transient_faults_and_throttling_still_deliver_exactly_once(
     delivered = {r["psid"] for r in ledger()}
     sent = recipient_counts(engine, job.id).get("sent", 0)
     assert len(delivered) == stats["delivered"] == sent
-    assert finished.status in ("completed", "completed_with_errors")
-    assert finished.sent + finished.failed == 500
+    assert finished.status == "completed"
+    assert finished.sent == 500
     assert_counters_match_rows(engine, job.id)
 
 
@@ -259,3 +259,37 @@ async def test_killed_runner_is_taken_over_without_duplicates(engine, database_u
     assert len(psids) == len(set(psids))
     assert state.stats()["duplicates"] == 0
     assert_counters_match_rows(engine, job.id)
+
+
+async def test_rendered_text_over_the_limit_fails_only_that_recipient(
+    engine, database_url, sandbox
+):
+    from pagecast import db, repo
+    from pagecast.audience import ContactRow
+
+    url, state, _ = sandbox
+    with db.session_scope(engine) as session:
+        repo.import_contacts(
+            session,
+            page_id="100200300",
+            contacts=[ContactRow("21", "A" * 50, tags=("x",)), ContactRow("22", "Bo", tags=("x",))],
+        )
+    job = create_job(engine, 0, text="x" * 1980 + "{first_name}", audience=repo.TagFilter(("x",)))
+    finished = await run_job(engine, make_settings(database_url, url), job.id)
+    assert (finished.sent, finished.failed) == (1, 1)
+    assert finished.error_summary["by_code"] == {"rendered_text_too_long": 1}
+    assert state.stats()["requests"] == 1
+
+
+async def test_high_usage_headers_slow_the_page_down(engine, database_url, sandbox):
+    import sqlalchemy as sa
+
+    url, state, _ = sandbox
+    state.config.usage_percent = 95
+    job = create_job(engine, 20)
+    await run_job(engine, make_settings(database_url, url), job.id)
+    with engine.connect() as connection:
+        factor = connection.execute(
+            sa.text("SELECT backoff_factor FROM page_send_rates")
+        ).scalar_one()
+    assert factor < 0.5
