@@ -39,8 +39,7 @@ _RESERVE = sa.text(
         FROM current c WHERE r.page_id = :page_id
         RETURNING r.next_slot_at, c.backoff_factor
     )
-    SELECT extract(epoch FROM next_slot_at - clock_timestamp())::float8, :rate * backoff_factor
-    FROM moved
+    SELECT extract(epoch FROM next_slot_at)::float8, :rate * backoff_factor FROM moved
     """
 )
 _CREATE = sa.text(
@@ -59,7 +58,9 @@ _SLOW_DOWN = sa.text(
 
 @dataclass(frozen=True)
 class Reservation:
-    """``count`` slots ``interval`` seconds apart; the first at ``first_at`` (``time.monotonic()``)."""
+    """``count`` slots ``interval`` seconds apart; the first at ``first_at`` (Unix time from the
+    database's clock: every runner, on every machine, follows one schedule, so their clocks must
+    agree as NTP keeps them)."""
 
     first_at: float
     interval: float
@@ -79,12 +80,9 @@ def reserve(engine: sa.Engine, *, page_id: str, rate: float, count: int) -> Rese
         if row is None:
             connection.execute(_CREATE, {"page_id": page_id})
             row = connection.execute(_RESERVE, params).one()
-    ends_in, effective_rate = row
-    received = time.monotonic()
+    ends_at, effective_rate = row
     interval = 1.0 / effective_rate
-    return Reservation(
-        first_at=received + ends_in - count * interval, interval=interval, count=count
-    )
+    return Reservation(first_at=ends_at - count * interval, interval=interval, count=count)
 
 
 def slow_down(engine: sa.Engine, *, page_id: str, factor: float = 0.5, pause: float = 0.0) -> None:
@@ -126,15 +124,21 @@ class Pacer:
         self._slots.extend(reservation.first_at + i * reservation.interval for i in range(block))
 
     async def wait_for_slot(self) -> None:
-        """Sleep until this caller's send slot."""
+        """Sleep until this caller's send slot.
+
+        Slots that went by while the process stalled (GC, a busy event loop) are given up, not
+        caught up on: spending them late would put a burst on the wire."""
         async with self._lock:
-            if not self._slots:
-                await self._refill()
-            slot = self._slots.popleft()
+            while True:
+                if not self._slots:
+                    await self._refill()
+                slot = self._slots.popleft()
+                release_at = max(slot, self._last_release + self._interval)
+                if release_at >= time.time() - self._interval:
+                    break
             self._remaining = max(0, self._remaining - 1)
-            release_at = max(slot, self._last_release + self._interval)
             self._last_release = release_at
-            delay = release_at - time.monotonic()
+            delay = release_at - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
 

@@ -1,12 +1,14 @@
 """Driving one run of a job: claim, waves of chunks, heartbeat, error threshold, finish.
 
 The Prefect flow (``flows/send_job.py``) maps ``send_chunk`` tasks over each wave; this module holds
-the decisions, so they are tested without Prefect."""
+the decisions, so they are tested without Prefect, and ``run_in_process`` drives the same run
+with asyncio alone (tests, benchmarks, embedding)."""
 
+import asyncio
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -14,8 +16,9 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from pagecast import lifecycle
-from pagecast.chunks import ChunkBounds, ChunkResult, next_chunk_bounds
+from pagecast.chunks import ChunkBounds, ChunkResult, next_chunk_bounds, send_chunk
 from pagecast.errors import LeaseLost
+from pagecast.graph import client_factory
 from pagecast.lifecycle import Lease
 from pagecast.models import JobStatus, SendJob
 from pagecast.settings import Settings
@@ -148,3 +151,29 @@ class JobRun:
         finally:
             stop.set()
             thread.join()
+
+
+async def run_in_process(
+    engine: sa.Engine,
+    settings: Settings,
+    *,
+    job_id: uuid.UUID,
+    token_for: Callable[[str], str],
+    owner: str | None = None,
+) -> SendJob | None:
+    """Run a job to its end without Prefect; ``None`` when it cannot be claimed."""
+    run = JobRun(engine, settings, job_id=job_id, owner=owner or f"local-{uuid.uuid4()}")
+    lease = run.claim()
+    if lease is None:
+        return None
+    build_client = client_factory(settings, token_for)
+    with run.heartbeat():
+        while wave := await asyncio.to_thread(run.next_wave):
+            results = await asyncio.gather(
+                *(
+                    send_chunk(engine, lease=lease, bounds=b, client_factory=build_client)
+                    for b in wave
+                )
+            )
+            await asyncio.to_thread(run.absorb, list(results))
+    return await asyncio.to_thread(run.finish)

@@ -201,12 +201,13 @@ class Sandbox:
         return body, None
 
     async def handle_send(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()  # rate windows count calls as they arrive, as Meta does
         self.requests += 1
         config = self.config
         if config.latency_ms or config.jitter_ms:
             delay = config.latency_ms + self._rng.uniform(-config.jitter_ms, config.jitter_ms)
             await asyncio.sleep(max(delay, 0.0) / 1000)
-        response = await self._respond(request)
+        response = await self._respond(request, arrived)
         if response is not None and response.status != 200:
             body = json.loads(response.body)  # type: ignore[arg-type]
             error = body["error"]
@@ -216,7 +217,7 @@ class Sandbox:
             self.errors[key] += 1
         return response if response is not None else web.Response()
 
-    async def _respond(self, request: web.Request) -> web.Response | None:
+    async def _respond(self, request: web.Request, now: float) -> web.Response | None:
         try:
             body, token = await self._read(request)
         except (ValueError, json.JSONDecodeError):
@@ -238,7 +239,6 @@ class Sandbox:
         page_id = request.match_info["page_id"]
         psid = str(body["recipient"]["id"])
         window = self.pages[page_id]
-        now = time.monotonic()
         _slide(window.calls, now)
         window.calls.append(now)
         limit = self.config.rate_limit_per_page

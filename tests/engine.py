@@ -1,6 +1,5 @@
 """Helpers to run the send engine in-process, without Prefect, against the sandbox."""
 
-import asyncio
 import uuid
 
 import sqlalchemy as sa
@@ -8,10 +7,8 @@ from sqlmodel import Session, select
 
 from pagecast import db, repo
 from pagecast.audience import recipients_from_psids
-from pagecast.chunks import send_chunk
-from pagecast.graph import client_factory
 from pagecast.models import SendJob, SendJobRecipient
-from pagecast.runner import JobRun
+from pagecast.runner import run_in_process
 from pagecast.settings import Settings
 from pagecast.validation import validate_message
 
@@ -46,20 +43,9 @@ def create_job(
 async def run_job(
     engine: sa.Engine, settings: Settings, job_id: uuid.UUID, *, token="tok", owner=None
 ):
-    run = JobRun(engine, settings, job_id=job_id, owner=owner or f"test-{uuid.uuid4().hex[:8]}")
-    if run.claim() is None:
-        return None
-    factory = client_factory(settings, lambda page_id: token)
-    with run.heartbeat():
-        while wave := await asyncio.to_thread(run.next_wave):
-            results = await asyncio.gather(
-                *(
-                    send_chunk(engine, lease=run.lease, bounds=b, client_factory=factory)
-                    for b in wave
-                )
-            )
-            await asyncio.to_thread(run.absorb, list(results))
-    return await asyncio.to_thread(run.finish)
+    return await run_in_process(
+        engine, settings, job_id=job_id, token_for=lambda _page: token, owner=owner
+    )
 
 
 def job_row(engine: sa.Engine, job_id: uuid.UUID) -> SendJob:

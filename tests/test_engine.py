@@ -64,7 +64,8 @@ async def test_rate_is_held_per_page(engine, database_url, sandbox):
     job = create_job(engine, 120, rate=20.0)
     finished = await run_job(engine, make_settings(database_url, url, chunk_size=30), job.id)
     assert finished.status == "completed"
-    assert state.stats()["pages"]["100200300"]["max_per_second"] <= 20
+    peak = state.stats()["pages"]["100200300"]["max_per_second"]
+    assert 17 <= peak <= 20
 
 
 async def test_permanent_and_window_faults_end_completed_with_errors(engine, database_url, sandbox):
