@@ -16,10 +16,10 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import State
 
 from pagecast import lifecycle
-from pagecast.chunks import ChunkResult
 from pagecast.db import ready_engine, session_scope
 from pagecast.errors import MissingPageToken
 from pagecast.models import JobStatus, SendJob
+from pagecast.outcomes import ChunkResult
 from pagecast.reports import job_summary_rows
 from pagecast.runner import JobRun
 from pagecast.settings import get_settings
@@ -85,7 +85,9 @@ def send_job(job_id: uuid.UUID) -> dict[str, Any]:
         page_token(job.page_id)
     except MissingPageToken as exc:
         with session_scope(engine) as session:
-            lifecycle.fail_job(session, lease=lease, error=str(exc))
+            lifecycle.stop_running_job(
+                session, lease=lease, status=JobStatus.FAILED, reason=str(exc)
+            )
     progress = create_progress_artifact(
         _percent(job), key=f"pagecast-job-{job_id}-progress", description=f"job {job_id}"
     )

@@ -93,25 +93,16 @@ def heartbeat(session: Session, *, lease: Lease) -> SendJob:
     return job
 
 
-def fail_job(session: Session, *, lease: Lease, error: str) -> None:
-    """Stop the job at once (``failed``); recipients not yet sent stay ``pending`` for a retry."""
+def stop_running_job(session: Session, *, lease: Lease, status: JobStatus, reason: str) -> None:
+    """Stop the job from its runner: ``failed`` (a job-fatal error) or ``paused`` (too many
+    permanent failures). Recipients not yet sent stay ``pending`` for a retry or a resume."""
+    assert status in (JobStatus.FAILED, JobStatus.PAUSED)
     session.execute(
         sa.text(
-            f"UPDATE send_jobs SET status = 'failed', last_error = :error WHERE {_FENCE} "
+            f"UPDATE send_jobs SET status = :status, last_error = :reason WHERE {_FENCE} "
             "AND status = 'running'"
         ),
-        _lease_params(lease) | {"error": error},
-    )
-
-
-def pause_running_job(session: Session, *, lease: Lease, reason: str) -> None:
-    """Pause the job from its runner (e.g. too many permanent failures)."""
-    session.execute(
-        sa.text(
-            f"UPDATE send_jobs SET status = 'paused', last_error = :reason WHERE {_FENCE} "
-            "AND status = 'running'"
-        ),
-        _lease_params(lease) | {"reason": reason},
+        _lease_params(lease) | {"status": status.value, "reason": reason},
     )
 
 

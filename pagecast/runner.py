@@ -16,11 +16,12 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from pagecast import lifecycle
-from pagecast.chunks import ChunkBounds, ChunkResult, next_chunk_bounds, send_chunk
+from pagecast.chunks import ChunkBounds, next_chunk_bounds, send_chunk
 from pagecast.errors import LeaseLost
 from pagecast.graph import client_factory
 from pagecast.lifecycle import Lease
 from pagecast.models import JobStatus, SendJob
+from pagecast.outcomes import ChunkResult
 from pagecast.settings import Settings
 
 ERROR_WINDOW_ATTEMPTS = 500
@@ -120,7 +121,9 @@ class JobRun:
         reason = self._errors.exceeded()
         if reason is not None and self.lease is not None:
             with Session(self.engine) as session, session.begin():
-                lifecycle.pause_running_job(session, lease=self.lease, reason=reason)
+                lifecycle.stop_running_job(
+                    session, lease=self.lease, status=JobStatus.PAUSED, reason=reason
+                )
             self._stop_reason = reason
 
     def finish(self) -> SendJob:

@@ -7,9 +7,10 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from pagecast import db, lifecycle
-from pagecast.chunks import ChunkBounds, Outcome, record_outcomes, send_chunk
+from pagecast.chunks import ChunkBounds, send_chunk
 from pagecast.errors import InvalidInput, LeaseLost
 from pagecast.models import RecipientStatus
+from pagecast.outcomes import Outcome, record_outcomes
 from tests.engine import create_job, job_row, recipient_counts
 
 

@@ -1,0 +1,17 @@
+"""The ``pagecast`` command line: database, contacts, jobs and the Send API sandbox.
+
+Every read has ``--json``. Errors print one clear message to stderr and exit non-zero:
+2 for rejected input (nothing written), 1 for any other pagecast error.
+"""
+
+import typer
+
+from pagecast.cli.admin import contacts_app, db_app, demo, sandbox_app
+from pagecast.cli.jobs import job_app
+
+app = typer.Typer(help="Durable, rate-limited Messenger broadcasts.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(contacts_app, name="contacts")
+app.add_typer(job_app, name="job")
+app.add_typer(sandbox_app, name="sandbox")
+app.command("demo")(demo)

@@ -1,0 +1,50 @@
+"""Shared pieces of the command line: consoles, error handling, settings, JSON output."""
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import pydantic
+import typer
+from rich.console import Console
+
+from pagecast.errors import ConfigurationError, InvalidInput, PagecastError
+from pagecast.settings import Settings
+
+stdout = Console()
+stderr = Console(stderr=True, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def handles_errors(command: F) -> F:
+    """Print a pagecast error as one line and exit 2 (rejected input) or 1 (anything else)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PagecastError as exc:
+            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(2 if isinstance(exc, InvalidInput) else 1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; a bad value is a ``ConfigurationError``."""
+    try:
+        return Settings()
+    except pydantic.ValidationError as exc:
+        raise ConfigurationError(
+            "; ".join(
+                f"PAGECAST_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            )
+        ) from None
+
+
+def print_json(value: Any) -> None:
+    """Write ``value`` as indented JSON to stdout (never through rich, which would style it)."""
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
