@@ -8,6 +8,7 @@ from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
+from pagecast.errors import JobFatalGraphError, LeaseLost, MissingPageToken
 from pagecast.sandbox import SandboxConfig, running_sandbox
 from pagecast.settings import get_settings
 from tests.engine import PAGE, assert_counters_match_rows, create_job, job_row
@@ -153,3 +154,21 @@ def test_cli_demo(sandbox, monkeypatch, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "sent" in result.stdout and "duration" in result.stdout
     assert "0 duplicates" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (ConnectionError("database went away"), True),
+        (TimeoutError("slow network"), True),
+        (LeaseLost(uuid.uuid4()), False),
+        (MissingPageToken("1"), False),
+        (JobFatalGraphError("bad token", code=190), False),
+    ],
+)
+def test_chunk_tasks_retry_only_transient_failures(error, retried):
+    from prefect.states import Failed
+
+    from tasks.sending import retry_transient_only
+
+    assert retry_transient_only(None, None, Failed(data=error)) is retried
