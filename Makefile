@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 
-.PHONY: install test lint demo
+.PHONY: install test lint demo up down deploy
 
 install:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
@@ -19,3 +19,12 @@ lint: install
 
 demo: install
 	$(UV) run --frozen pagecast demo
+
+up: install
+	$(UV) run --frozen python -m deployments.local_stack up
+
+down: install
+	$(UV) run --frozen python -m deployments.local_stack down
+
+deploy: install
+	$(UV) run --frozen python -m deployments.bootstrap

@@ -1,7 +1,8 @@
-"""Running the send-job flow from the command line: a child process runs the Prefect flow (an
-ephemeral Prefect server unless ``PREFECT_API_URL`` is set) while this one shows its progress from
-the job's counters in Postgres."""
+"""Running the send-job flow from the command line: a child process runs the Prefect flow (against
+``PREFECT_API_URL``, else the local stack of ``make up``, else an ephemeral Prefect server) while
+this one shows its progress from the job's counters in Postgres."""
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pagecast.reports import job_summary_rows
 from pagecast.settings import Settings
 
 POLL_SECONDS = 0.5
+STACK_FILE = "prefect-stack.json"
 SUCCESSFUL = (JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS)
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,14 +36,28 @@ def project_root() -> Path:
     return _PROJECT_ROOT
 
 
+def stack_api_url(home: Path) -> str | None:
+    """The API URL of the local stack ``make up`` started under ``home``, if it still runs."""
+    state = home / STACK_FILE
+    if not state.is_file():
+        return None
+    stack = json.loads(state.read_text())
+    try:
+        os.kill(stack["server_pid"], 0)
+    except (ProcessLookupError, PermissionError):
+        return None
+    return str(stack["api_url"])
+
+
 def start_flow(settings: Settings, job_id: uuid.UUID, *, log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``flows/send_job.py`` for the job in a child process logging to ``log_path``; it
     uses the same database (the embedded one too) as this process."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PAGECAST_HOME": str(settings.home.expanduser().resolve()),
-    }
+    home = settings.home.expanduser().resolve()
+    env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PAGECAST_HOME": str(home)}
+    api_url = stack_api_url(home)
+    if "PREFECT_API_URL" not in env and api_url:
+        env["PREFECT_API_URL"] = api_url
     with log_path.open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "flows.send_job", str(job_id)],

@@ -24,6 +24,7 @@ _RECORD_ROWS = sa.text(
                 CAST(:retryable AS boolean[]), CAST(:extra_calls AS int[]))
          AS v(psid, status, message_id, code, subcode, message, retryable, extra_calls)
     WHERE r.job_id = :job_id AND r.psid = v.psid AND r.status = 'sending'
+    RETURNING r.psid
     """
 )
 
@@ -96,7 +97,7 @@ def record_outcomes(
     ).first()
     if summary_row is None:
         raise LeaseLost(lease.job_id)
-    session.execute(
+    recorded = session.execute(
         _RECORD_ROWS,
         {
             "job_id": lease.job_id,
@@ -111,7 +112,10 @@ def record_outcomes(
             "retryable": [o.retryable for o in outcomes],
             "extra_calls": [o.calls - 1 for o in outcomes],
         },
-    )
+    ).scalars()
+    # Rows a sweep already settled as orphans (this runner was presumed dead) keep that state.
+    kept = set(recorded)
+    outcomes = [o for o in outcomes if o.psid in kept]
     counts = Counter(o.status for o in outcomes)
     summary = _summary(summary_row[0], outcomes)
     session.execute(

@@ -220,6 +220,8 @@ class Sandbox:
     async def _respond(self, request: web.Request, now: float) -> web.Response | None:
         try:
             body, token = await self._read(request)
+        except ConnectionResetError:  # the client went away mid-request: nobody to answer
+            return None
         except (ValueError, json.JSONDecodeError):
             return _graph_error(400, 100, "(#100) The request body could not be parsed")
         if token is None:

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     default_rate_per_second: float = Field(default=20.0, gt=0, le=300)
     chunk_size: int = Field(default=200, ge=1, le=10_000)
     parallel_chunks: int = Field(default=4, ge=1, le=64, description="Chunks in flight per run.")
+    chunk_task_limit: int = Field(
+        default=16, ge=1, description="Chunk tasks in flight across all runs (a Prefect tag limit)."
+    )
+    notify_url: str | None = Field(default=None, description="Webhook for job summaries.")
     app_secret: SecretStr | None = Field(default=None, description="Adds appsecret_proof to calls.")
 
     @field_validator("database_url")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pagecast import db, launch, lifecycle, repo
+from pagecast import db, launch, lifecycle, repo, trigger
 from pagecast.audience import ParsedRecipients, read_recipients
 from pagecast.cli.common import (
     JsonOption,
@@ -19,7 +19,7 @@ from pagecast.cli.common import (
     stderr,
     stdout,
 )
-from pagecast.errors import InvalidInput
+from pagecast.errors import ConfigurationError, InvalidInput
 from pagecast.models import JobStatus, MessagingType, SendJob
 from pagecast.settings import Settings
 from pagecast.validation import (
@@ -214,6 +214,33 @@ def run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
         stderr.print(f"[red]the flow run failed[/]; its log: {log_path}")
     if job.status not in launch.SUCCESSFUL:
         raise typer.Exit(1)
+
+
+@job_app.command("submit")
+@handles_errors
+def job_submit(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    api_url: Annotated[
+        str | None, typer.Option(envvar="PREFECT_API_URL", help="Prefect API URL.")
+    ] = None,
+) -> None:
+    """Start the job on the Prefect server (the send-job deployment) and print the flow run id."""
+    job = _parse_job_id(job_id)
+    settings = load_settings()
+    api = api_url or launch.stack_api_url(settings.home.expanduser().resolve())
+    if not api:
+        raise ConfigurationError("no Prefect server: set PREFECT_API_URL or run `make up`")
+    with db.session_scope(db.ready_engine(settings)) as session:
+        attempt = repo.get_job(session, job_id=job).attempt
+    run = trigger.submit(
+        api,
+        flow_name="send-job",
+        deployment_name="send-job",
+        parameters={"job_id": str(job)},
+        idempotency_key=f"pagecast-submit-{job}-{attempt}",
+    )
+    stderr.print(f"send-job run {run.name}: {run.ui_url}")
+    sys.stdout.write(f"{run.flow_run_id}\n")
 
 
 @job_app.command("run")

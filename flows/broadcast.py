@@ -1,0 +1,84 @@
+"""The broadcast flow: create a job from a typed form (Prefect UI, API) and send it.
+
+Parameters are ``Annotated`` so their constraints reach the deployment's parameter schema and the
+UI form rejects bad values; the flow validates again with pagecast's rules before writing."""
+
+import re
+import uuid
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from flows.send_job import send_job
+from pagecast import repo
+from pagecast.audience import recipients_from_psids
+from pagecast.db import ready_engine, session_scope
+from pagecast.errors import InvalidInput
+from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
+from pagecast.settings import get_settings
+from pagecast.validation import (
+    MAX_CONCURRENCY,
+    MAX_RATE_PER_SECOND,
+    validate_concurrency,
+    validate_idempotency_key,
+    validate_message,
+    validate_page_id,
+    validate_rate,
+)
+
+_SEPARATORS = re.compile(r"[\s,;]+")
+
+
+@flow(name="broadcast")
+def broadcast(
+    page_id: Annotated[str, Field(pattern=r"^[0-9]{1,32}$", description="The Facebook Page id")],
+    text: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=MAX_TEXT_LENGTH,
+            description="Message text; {first_name}, {last_name} and {full_name} are filled in",
+        ),
+    ],
+    psids: Annotated[
+        str, Field(description="Recipients: PSIDs, one per line (or leave empty and give tags)")
+    ] = "",
+    contact_tags: Annotated[
+        list[str], Field(description="Or: send to the page's contacts carrying any of these tags")
+    ] = [],  # noqa: B006 - Prefect needs a JSON default
+    messaging_type: MessagingType = MessagingType.UPDATE,
+    tag: Annotated[MessageTag | None, Field(description="Required with MESSAGE_TAG")] = None,
+    concurrency: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] = 50,
+    rate_per_second: Annotated[
+        float, Field(gt=0, le=MAX_RATE_PER_SECOND, description="Above 40 needs allow_high_volume")
+    ] = 20.0,
+    allow_high_volume: bool = False,
+    idempotency_key: Annotated[
+        str | None, Field(max_length=255, description="Resubmitting the key returns the same job")
+    ] = None,
+) -> dict[str, Any]:
+    """Create a pagecast job and send it; nothing is written when a value is invalid."""
+    logger = get_run_logger()
+    entries = [p for p in _SEPARATORS.split(psids) if p]
+    if bool(entries) == bool(contact_tags):
+        raise InvalidInput("audience: give either psids or contact_tags")
+    audience = recipients_from_psids(entries) if entries else repo.TagFilter(tuple(contact_tags))
+    request = repo.JobRequest(
+        page_id=validate_page_id(page_id),
+        message=validate_message(text, messaging_type, tag),
+        audience=audience,
+        concurrency=validate_concurrency(concurrency),
+        rate_per_second=validate_rate(rate_per_second, allow_high_volume=allow_high_volume),
+        idempotency_key=validate_idempotency_key(idempotency_key),
+    )
+    with session_scope(ready_engine(get_settings())) as session:
+        created = repo.create_job(session, request=request)
+    job_id: uuid.UUID = created.job.id
+    logger.info(
+        "job %s %s with %d recipients",
+        job_id,
+        "created" if created.created else "exists",
+        created.job.total,
+    )
+    return send_job(job_id) | {"created": created.created}

@@ -1,0 +1,55 @@
+"""The sweep flow: start every due or abandoned job, so nothing pending or stuck is left behind."""
+
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.deployments import run_deployment
+from pydantic import Field
+
+from pagecast.db import ready_engine, session_scope
+from pagecast.settings import get_settings
+from pagecast.sweeps import jobs_to_start
+
+SEND_JOB_DEPLOYMENT = "send-job/send-job"
+
+
+@flow(name="sweep")
+def sweep(limit: Annotated[int, Field(ge=1, le=10_000)] = 100) -> list[dict[str, Any]]:
+    """Start a ``send-job`` run for each due pending job and each job whose runner died."""
+    logger = get_run_logger()
+    settings = get_settings()
+    with session_scope(ready_engine(settings)) as session:
+        items = jobs_to_start(session, lease_seconds=settings.lease_seconds, limit=limit)
+    rows = []
+    for item in items:
+        flow_run = run_deployment(
+            SEND_JOB_DEPLOYMENT,
+            parameters={"job_id": str(item.job_id)},
+            timeout=0,
+            idempotency_key=item.run_key(settings.lease_seconds),
+            as_subflow=False,
+        )
+        rows.append(
+            {
+                "job": str(item.job_id),
+                "reason": item.reason,
+                "in-flight recipients settled": item.orphans_settled,
+                "send-job run": str(flow_run.id),
+            }
+        )
+        logger.info("job %s (%s): send-job run %s", item.job_id, item.reason, flow_run.id)
+    create_table_artifact(
+        rows
+        or [
+            {
+                "job": "-",
+                "reason": "nothing due",
+                "in-flight recipients settled": 0,
+                "send-job run": "-",
+            }
+        ],
+        key="pagecast-sweep",
+        description="Jobs the last sweep started",
+    )
+    return rows
