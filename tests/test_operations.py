@@ -3,6 +3,8 @@ bootstrap, the sweep, SIGKILL takeover, REST triggers and the finish notificatio
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -252,3 +254,65 @@ def test_finished_jobs_notify_the_webhook(ops):
         "the webhook",
     )
     assert "ended completed: 10 sent" in summary["summary"]
+
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("PAGECAST_REQUIRE_BROWSER"),
+    reason="Debian's chromium is not installed (.ci/run installs it)",
+)
+def test_broadcast_form_in_the_prefect_ui(ops, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    deployment = ops.deployment_id("broadcast/broadcast")
+    psids = "8001\n8002\n8003\n8004"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(
+            f"{ops.stack.ui_url}/deployments/deployment/{deployment}/run", wait_until="networkidle"
+        )
+        fields = page.locator("textarea")
+        fields.nth(0).fill(PAGE)
+        fields.nth(1).fill("Hi {first_name}, from the UI")
+        fields.nth(2).fill(psids)
+        page.screenshot(path=tmp_path / "broadcast-form.png", full_page=True)
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url(
+            re.compile(rf".*/deployments/deployment/{deployment}(\?.*)?$"), timeout=30_000
+        )
+        browser.close()
+    run = ops.wait_for(
+        lambda: next(
+            (
+                r
+                for r in ops.runs_of("broadcast/broadcast")
+                if r["parameters"].get("psids") == psids
+            ),
+            None,
+        ),
+        "the run the form created",
+    )
+    ops.wait_for(
+        lambda: ops.api("GET", f"/flow_runs/{run['id']}").json()["state"]["type"] == "COMPLETED",
+        "the form's run to complete",
+    )
+    with ops.engine.connect() as connection:
+        job = connection.execute(
+            sa.text(
+                "SELECT total, sent, status FROM send_jobs WHERE text = 'Hi {first_name}, from the UI'"
+            )
+        ).one()
+    assert tuple(job) == (4, 4, "completed")
+    assert (tmp_path / "broadcast-form.png").stat().st_size > 10_000
