@@ -28,7 +28,7 @@ from tasks.tokens import page_token
 
 
 def request_cancel(flow: Flow, flow_run: FlowRun, state: State) -> None:
-    """Prefect cancelled the run: ask the job's chunks to stop, as ``pagecast job cancel`` does."""
+    """Prefect cancelled the run: cancel the job (ended at once when this run held it)."""
     job_id = uuid.UUID(str(flow_run.parameters["job_id"]))
     with session_scope(ready_engine(get_settings())) as session:
         job = session.get(SendJob, job_id)
@@ -37,7 +37,7 @@ def request_cancel(flow: Flow, flow_run: FlowRun, state: State) -> None:
             JobStatus.RUNNING,
             JobStatus.PAUSED,
         ):
-            lifecycle.cancel_job(session, job_id=job_id)
+            lifecycle.cancel_run(session, job_id=job_id, owner=str(flow_run.id))
 
 
 def _percent(job: SendJob) -> float:

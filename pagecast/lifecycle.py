@@ -191,6 +191,16 @@ def cancel_job(session: Session, *, job_id: uuid.UUID) -> SendJob:
     return _job(session, job_id)
 
 
+def cancel_run(session: Session, *, job_id: uuid.UUID, owner: str) -> SendJob:
+    """A runner was cancelled from outside (Prefect): request the cancel and, when that runner holds
+    the lease, end the job now, since its process may already be gone. Its in-flight recipients
+    become ``unknown`` and the rest ``skipped``."""
+    job = cancel_job(session, job_id=job_id)
+    if job.status == JobStatus.RUNNING and job.lease_owner == owner:
+        return finish_job(session, lease=Lease(job_id=job_id, owner=owner, attempt=job.attempt))
+    return job
+
+
 def pause_job(session: Session, *, job_id: uuid.UUID, reason: str = "paused by request") -> SendJob:
     """Pause a pending or running job; its runner stops after the chunks in flight."""
     job = _job(session, job_id)

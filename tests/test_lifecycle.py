@@ -124,3 +124,23 @@ def test_retry_with_nothing_to_retry_is_refused(engine):
     with db.session_scope(engine) as session, pytest.raises(InvalidInput, match="nothing to retry"):
         lifecycle.requeue_job(session, job_id=job.id)
     assert job_row(engine, job.id).status == "completed"
+
+
+def test_cancelled_runner_ends_its_job_at_once(engine):
+    job = create_job(engine, 4)
+    _claim(engine, job.id, "run-1")
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE send_job_recipients SET status = 'sending' WHERE job_id = :id "
+                "AND psid = '1000000000000000'"
+            ),
+            {"id": job.id},
+        )
+    with db.session_scope(engine) as session:
+        other = lifecycle.cancel_run(session, job_id=job.id, owner="someone-else")
+    assert (other.status, other.cancel_requested) == ("running", True)
+    with db.session_scope(engine) as session:
+        ended = lifecycle.cancel_run(session, job_id=job.id, owner="run-1")
+    assert (ended.status, ended.unknown, ended.skipped) == ("cancelled", 1, 3)
+    assert ended.lease_owner is None

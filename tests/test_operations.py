@@ -207,6 +207,28 @@ def test_killed_runner_is_taken_over_by_the_sweep(ops):
     assert len(ops.send_job_runs(job.id)) == 2
 
 
+def test_cancelling_the_flow_run_cancels_the_job(ops):
+    ops.sandbox.config.latency_ms = 100
+    job = create_job(ops.engine, 300, rate=20.0, text="cancelled run")
+    run = ops.start("send-job/send-job", {"job_id": str(job.id)})
+    ops.wait_for(lambda: job_row(ops.engine, job.id).sent >= 10, "sending to start")
+    ops.api(
+        "POST",
+        f"/flow_runs/{run['id']}/set_state",
+        json={"state": {"type": "CANCELLING"}, "force": True},
+    )
+    finished = ops.wait_for(
+        lambda: (j := job_row(ops.engine, job.id)).status == "cancelled" and j,
+        "the job to be cancelled",
+    )
+    ops.sandbox.config.latency_ms = 0
+    assert finished.sent < 300
+    assert finished.sent + finished.unknown + finished.skipped == 300
+    assert len(ops.delivered_psids("cancelled run")) == len(
+        set(ops.delivered_psids("cancelled run"))
+    )
+
+
 def test_broadcast_over_rest_with_an_idempotency_key(ops):
     parameters = {
         "page_id": PAGE,
