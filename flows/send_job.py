@@ -100,6 +100,7 @@ def send_job(job_id: uuid.UUID) -> dict[str, Any]:
                 attempt=unmapped(lease.attempt),
                 after=[bounds.after for bounds in wave],
                 last=[bounds.last for bounds in wave],
+                chunks_in_flight=unmapped(len(wave)),
             )
             run.absorb([ChunkResult(**future.result()) for future in futures])
             with session_scope(engine) as session:

@@ -6,6 +6,7 @@ receives two strings, never a list of recipients.
 """
 
 import asyncio
+import math
 import random
 import uuid
 from collections.abc import Callable
@@ -109,18 +110,23 @@ class ChunkSender:
 
     Throttled calls wait for the page's slowed-down schedule; other transient failures back off
     exponentially (with jitter), up to ``TRANSIENT_TRIES`` calls (``UNEXPECTED_ERROR_TRIES`` code 2
-    answers), then fail as retryable. A
-    job-fatal error, a cancel or pause request, or a lost lease stops the chunk: recipients not yet
-    called go back to ``pending``."""
+    answers), then fail as retryable. A job-fatal error, a cancel or pause request, or a lost lease
+    stops the chunk: recipients not yet called go back to ``pending``."""
 
     def __init__(
-        self, engine: sa.Engine, *, lease: Lease, job: SendJob, client: GraphClient
+        self,
+        engine: sa.Engine,
+        *,
+        lease: Lease,
+        job: SendJob,
+        client: GraphClient,
+        concurrency: int,
     ) -> None:
         self._engine = engine
         self._lease = lease
         self._job = job
         self._client = client
-        self._slots = asyncio.Semaphore(job.concurrency)
+        self._slots = asyncio.Semaphore(concurrency)
         self._stop = asyncio.Event()
         self._pacer = Pacer(engine, page_id=job.page_id, rate=job.rate_per_second, expected=0)
         self.fatal: JobFatalGraphError | None = None
@@ -265,16 +271,19 @@ async def send_chunk(
     lease: Lease,
     bounds: ChunkBounds,
     client_factory: Callable[[int], GraphClient],
+    chunks_in_flight: int = 1,
 ) -> ChunkResult:
     """Claim the chunk's pending rows, send them, and record the outcomes (see module docstring).
 
-    ``client_factory(concurrency)`` builds the Graph client for this chunk."""
+    The job's concurrency is shared by the ``chunks_in_flight`` chunks its run sends at once;
+    ``client_factory(concurrency)`` builds the Graph client for this chunk's share."""
     with Session(engine, expire_on_commit=False) as session, session.begin():
         job, claimed = _claim(session, lease=lease, bounds=bounds)
     if not claimed:
         return ChunkResult()
-    async with client_factory(job.concurrency) as client:
-        sender = ChunkSender(engine, lease=lease, job=job, client=client)
+    concurrency = max(1, math.ceil(job.concurrency / chunks_in_flight))
+    async with client_factory(concurrency) as client:
+        sender = ChunkSender(engine, lease=lease, job=job, client=client, concurrency=concurrency)
         outcomes = await sender.run(claimed)
     with Session(engine, expire_on_commit=False) as session, session.begin():
         result = record_outcomes(session, lease=lease, outcomes=outcomes, fatal=sender.fatal)

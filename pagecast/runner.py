@@ -174,7 +174,13 @@ async def run_in_process(
         while wave := await asyncio.to_thread(run.next_wave):
             results = await asyncio.gather(
                 *(
-                    send_chunk(engine, lease=lease, bounds=b, client_factory=build_client)
+                    send_chunk(
+                        engine,
+                        lease=lease,
+                        bounds=b,
+                        client_factory=build_client,
+                        chunks_in_flight=len(wave),
+                    )
                     for b in wave
                 )
             )

@@ -112,6 +112,8 @@ class Sandbox:
         self.pages: defaultdict[str, _PageWindow] = defaultdict(_PageWindow)
         self.delivered_once: set[tuple[str, str]] = set()
         self.duplicates = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.revoked: set[str] = set()
 
     def app(self) -> web.Application:
@@ -156,6 +158,7 @@ class Sandbox:
             "requests": self.requests,
             "delivered": sum(p.delivered for p in self.pages.values()),
             "duplicates": self.duplicates,
+            "max_in_flight": self.max_in_flight,
             "errors": dict(self.errors),
             "token_via": dict(self.token_via),
             "pages": {
@@ -203,11 +206,16 @@ class Sandbox:
     async def handle_send(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()  # rate windows count calls as they arrive, as Meta does
         self.requests += 1
-        config = self.config
-        if config.latency_ms or config.jitter_ms:
-            delay = config.latency_ms + self._rng.uniform(-config.jitter_ms, config.jitter_ms)
-            await asyncio.sleep(max(delay, 0.0) / 1000)
-        response = await self._respond(request, arrived)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            config = self.config
+            if config.latency_ms or config.jitter_ms:
+                delay = config.latency_ms + self._rng.uniform(-config.jitter_ms, config.jitter_ms)
+                await asyncio.sleep(max(delay, 0.0) / 1000)
+            response = await self._respond(request, arrived)
+        finally:
+            self.in_flight -= 1
         if response is not None and response.status != 200:
             body = json.loads(response.body)  # type: ignore[arg-type]
             error = body["error"]

@@ -45,9 +45,16 @@ def retry_transient_only(task: Task[..., Any], task_run: TaskRun, state: State[A
     cache_policy=NO_CACHE,
 )
 def send_chunk(
-    job_id: uuid.UUID, page_id: str, owner: str, attempt: int, after: str, last: str
+    job_id: uuid.UUID,
+    page_id: str,
+    owner: str,
+    attempt: int,
+    after: str,
+    last: str,
+    chunks_in_flight: int = 1,
 ) -> dict[str, Any]:
-    """Send the job's pending recipients with ``after`` < psid ≤ ``last``; returns the counts."""
+    """Send the job's pending recipients with ``after`` < psid ≤ ``last``, with this chunk's share
+    of the job's concurrency; returns the counts."""
     settings = get_settings()
     token = page_token(page_id)
     result = asyncio.run(
@@ -56,6 +63,7 @@ def send_chunk(
             lease=Lease(job_id=job_id, owner=owner, attempt=attempt),
             bounds=ChunkBounds(after=after, last=last),
             client_factory=client_factory(settings, lambda _page_id: token),
+            chunks_in_flight=chunks_in_flight,
         )
     )
     return result.as_dict()

@@ -294,3 +294,12 @@ async def test_high_usage_headers_slow_the_page_down(engine, database_url, sandb
             sa.text("SELECT backoff_factor FROM page_send_rates")
         ).scalar_one()
     assert factor < 0.5
+
+
+async def test_the_job_concurrency_bounds_requests_in_flight(engine, database_url, sandbox):
+    url, state, _ = sandbox
+    state.config.latency_ms = 150
+    job = create_job(engine, 200, rate=300.0, concurrency=8)
+    finished = await run_job(engine, make_settings(database_url, url), job.id)
+    assert finished.sent == 200
+    assert 4 <= state.stats()["max_in_flight"] <= 8

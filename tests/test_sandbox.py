@@ -186,6 +186,7 @@ def test_config_and_reset_endpoints(sandbox):
         "requests": 0,
         "delivered": 0,
         "duplicates": 0,
+        "max_in_flight": 0,
         "errors": {},
         "token_via": {},
         "pages": {},
