@@ -1,30 +1,38 @@
 """The send-job flow: claim a job, send it in waves of mapped chunk tasks, settle its status."""
 
 import sys
+import time
 import uuid
 from typing import Any
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_client, get_run_logger, unmapped
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
 from prefect.client.schemas.objects import Flow, FlowRun
+from prefect.deployments import run_deployment
 from prefect.events import emit_event
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import State
 
-from pagecast import lifecycle
+from pagecast import lifecycle, shards
 from pagecast.db import ready_engine, session_scope
 from pagecast.errors import MissingPageToken
+from pagecast.lifecycle import Lease
 from pagecast.models import JobStatus, SendJob
 from pagecast.outcomes import ChunkResult
 from pagecast.reports import job_summary_rows
 from pagecast.runner import JobRun
 from pagecast.settings import get_settings
+from pagecast.sweeps import launch_key
 from tasks.sending import send_chunk
 from tasks.tokens import page_token
+
+SEND_JOB_DEPLOYMENT = "send-job/send-job"
+SUPERVISE_SECONDS = 2.0
 
 
 def request_cancel(flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -67,20 +75,77 @@ def _announce(job: SendJob) -> None:
     )
 
 
+def _children_can_run() -> bool:
+    """Child runs need the send-job deployment (and so a work pool) on the Prefect server."""
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(SEND_JOB_DEPLOYMENT)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+def _send_waves(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID | None) -> None:
+    while wave := run.next_wave():
+        futures = send_chunk.map(
+            job_id=unmapped(job.id),
+            page_id=unmapped(job.page_id),
+            owner=unmapped(lease.owner),
+            attempt=unmapped(lease.attempt),
+            after=[bounds.after for bounds in wave],
+            last=[bounds.last for bounds in wave],
+            chunks_in_flight=unmapped(len(wave)),
+            shard=unmapped(lease.shard),
+        )
+        run.absorb([ChunkResult(**future.result()) for future in futures])
+        if progress is not None:
+            update_progress_artifact(progress, _percent(run.job_state()))
+
+
+def _supervise_shards(run: JobRun, progress: uuid.UUID) -> None:
+    """Start a child run per range (again when one stops heartbeating) until all are done, or
+    until the job stops and no child is sending any more."""
+    lease_seconds = run.settings.lease_seconds
+    while True:
+        job = run.job_state()
+        with session_scope(run.engine) as session:
+            state = shards.plan(session, job_id=run.job_id, lease_seconds=lease_seconds)
+        active = job.status == JobStatus.RUNNING and not job.cancel_requested
+        if active:
+            for shard, attempt in state.to_start:
+                run_deployment(
+                    SEND_JOB_DEPLOYMENT,
+                    parameters={"job_id": str(run.job_id), "shard": shard},
+                    timeout=0,
+                    idempotency_key=launch_key(
+                        f"pagecast-shard-{run.job_id}-{shard}-{attempt}", lease_seconds
+                    ),
+                    as_subflow=False,
+                )
+        update_progress_artifact(progress, _percent(job))
+        if state.unfinished == 0 or (not active and state.running == 0):
+            with session_scope(run.engine) as session:
+                shards.release_stale(session, job_id=run.job_id, lease_seconds=lease_seconds)
+            return
+        time.sleep(SUPERVISE_SECONDS)
+
+
 @flow(name="send-job", on_cancellation=[request_cancel])
-def send_job(job_id: uuid.UUID) -> dict[str, Any]:
-    """Send a pagecast job: every recipient ends sent, failed, skipped or unknown — exactly once."""
+def send_job(job_id: uuid.UUID, shard: int | None = None) -> dict[str, Any]:
+    """Send a pagecast job: every recipient ends sent, failed, skipped or unknown — exactly once.
+
+    A job with more than ``PAGECAST_SHARD_SIZE`` pending recipients is split into ranges sent by
+    child runs of this deployment (``shard`` names the range of a child run)."""
     logger = get_run_logger()
     settings = get_settings()
     engine = ready_engine(settings)
-    run = JobRun(engine, settings, job_id=job_id, owner=str(current_flow_run.id or uuid.uuid4()))
+    owner = str(current_flow_run.id or uuid.uuid4())
+    run = JobRun(engine, settings, job_id=job_id, owner=owner, shard=shard)
     lease = run.claim()
     if lease is None:
-        logger.info("job %s is not claimable (running elsewhere, ended, paused or not due)", job_id)
+        logger.info("job %s (range %s) is not claimable now", job_id, shard)
         return {"job_id": str(job_id), "claimed": False}
-    with session_scope(engine) as session:
-        job = session.get(SendJob, job_id)
-    assert job is not None
+    job = run.job_state()
     try:
         page_token(job.page_id)
     except MissingPageToken as exc:
@@ -88,30 +153,31 @@ def send_job(job_id: uuid.UUID) -> dict[str, Any]:
             lifecycle.stop_running_job(
                 session, lease=lease, status=JobStatus.FAILED, reason=str(exc)
             )
+    if shard is not None:
+        with run.heartbeat():
+            _send_waves(run, job, lease, progress=None)
+        run.finish()
+        return {"job_id": str(job_id), "shard": shard, "claimed": True, **run.totals.as_dict()}
     progress = create_progress_artifact(
         _percent(job), key=f"pagecast-job-{job_id}-progress", description=f"job {job_id}"
     )
     with run.heartbeat():
-        while wave := run.next_wave():
-            futures = send_chunk.map(
-                job_id=unmapped(job_id),
-                page_id=unmapped(job.page_id),
-                owner=unmapped(lease.owner),
-                attempt=unmapped(lease.attempt),
-                after=[bounds.after for bounds in wave],
-                last=[bounds.last for bounds in wave],
-                chunks_in_flight=unmapped(len(wave)),
+        with session_scope(engine) as session:
+            ranges = _children_can_run() and shards.ensure_shards(
+                session, job_id=job_id, shard_size=settings.shard_size
             )
-            run.absorb([ChunkResult(**future.result()) for future in futures])
-            with session_scope(engine) as session:
-                update_progress_artifact(progress, _percent(session.get(SendJob, job_id)))
+        if ranges:
+            logger.info("job %s is sent by %d child runs", job_id, ranges)
+            _supervise_shards(run, progress)
+        else:
+            _send_waves(run, job, lease, progress)
     job = run.finish()
     update_progress_artifact(progress, _percent(job))
     create_table_artifact(
         job_summary_rows(job), key=f"pagecast-job-{job_id}", description=f"job {job_id}"
     )
     _announce(job)
-    logger.info("job %s ended %s: %s", job_id, job.status, run.totals.as_dict())
+    logger.info("job %s ended %s", job_id, job.status)
     return {"job_id": str(job_id), "claimed": True, "status": job.status}
 
 

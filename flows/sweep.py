@@ -7,11 +7,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 from pydantic import Field
 
+from flows.send_job import SEND_JOB_DEPLOYMENT
 from pagecast.db import ready_engine, session_scope
 from pagecast.settings import get_settings
 from pagecast.sweeps import jobs_to_start
-
-SEND_JOB_DEPLOYMENT = "send-job/send-job"
 
 
 @flow(name="sweep")

@@ -24,7 +24,7 @@ from pagecast.errors import (
     TransientGraphError,
 )
 from pagecast.graph import OUTSIDE_WINDOW, GraphClient
-from pagecast.lifecycle import Lease
+from pagecast.lifecycle import Lease, fence_sql, lease_params
 from pagecast.models import MAX_TEXT_LENGTH, JobStatus, MessagingType, RecipientStatus, SendJob
 from pagecast.outcomes import ChunkResult, Outcome, record_outcomes
 from pagecast.ratelimit import Pacer
@@ -48,16 +48,24 @@ class ChunkBounds:
 
 
 def next_chunk_bounds(
-    session: Session, *, job_id: uuid.UUID, after: str, chunk_size: int, chunks: int
+    session: Session,
+    *,
+    job_id: uuid.UUID,
+    after: str,
+    chunk_size: int,
+    chunks: int,
+    until: str | None = None,
 ) -> list[ChunkBounds]:
-    """Bounds of up to ``chunks`` chunks of pending recipients after ``after`` (keyset paging)."""
+    """Bounds of up to ``chunks`` chunks of pending recipients after ``after`` (and at most
+    ``until``), by keyset paging."""
     psids = (
         session.execute(
             sa.text(
                 "SELECT psid FROM send_job_recipients WHERE job_id = :job_id AND status = 'pending' "
-                "AND psid > :after ORDER BY psid LIMIT :limit"
+                "AND psid > :after AND (CAST(:until AS text) IS NULL OR psid <= :until) "
+                "ORDER BY psid LIMIT :limit"
             ),
-            {"job_id": job_id, "after": after, "limit": chunk_size * chunks},
+            {"job_id": job_id, "after": after, "until": until, "limit": chunk_size * chunks},
         )
         .scalars()
         .all()
@@ -77,22 +85,23 @@ class _Claimed:
     outside_window: bool
 
 
-_CLAIM_ROWS = sa.text(
-    """
-    WITH claimed AS (
-        UPDATE send_job_recipients r SET status = 'sending', attempts = r.attempts + 1
-        FROM send_jobs j
-        WHERE r.job_id = :job_id AND j.id = r.job_id AND j.lease_owner = :owner
-          AND j.attempt = :attempt AND j.status = 'running' AND NOT j.cancel_requested
-          AND r.status = 'pending' AND r.psid > :after AND r.psid <= :last
-        RETURNING r.psid, r.first_name, r.last_name, j.page_id
+def _claim_rows_sql(lease: Lease) -> sa.TextClause:
+    return sa.text(
+        f"""
+        WITH claimed AS (
+            UPDATE send_job_recipients r SET status = 'sending', attempts = r.attempts + 1
+            FROM send_jobs j
+            WHERE r.job_id = :job_id AND {fence_sql(lease, "j")}
+              AND j.status = 'running' AND NOT j.cancel_requested
+              AND r.status = 'pending' AND r.psid > :after AND r.psid <= :last
+            RETURNING r.psid, r.first_name, r.last_name, j.page_id
+        )
+        SELECT c.psid, COALESCE(c.first_name, ct.first_name), COALESCE(c.last_name, ct.last_name),
+               COALESCE(ct.last_interaction_at < now() - interval '24 hours', false)
+        FROM claimed c LEFT JOIN contacts ct ON ct.page_id = c.page_id AND ct.psid = c.psid
+        ORDER BY c.psid
+        """
     )
-    SELECT c.psid, COALESCE(c.first_name, ct.first_name), COALESCE(c.last_name, ct.last_name),
-           COALESCE(ct.last_interaction_at < now() - interval '24 hours', false)
-    FROM claimed c LEFT JOIN contacts ct ON ct.page_id = c.page_id AND ct.psid = c.psid
-    ORDER BY c.psid
-    """
-)
 
 
 def _backoff(tries: int) -> float:
@@ -194,19 +203,16 @@ class ChunkSender:
             await asyncio.sleep(wait)
 
     def _should_stop(self) -> bool:
+        lease = self._lease
         with self._engine.connect() as connection:
-            row = connection.execute(
+            status, cancel_requested, ours = connection.execute(
                 sa.text(
-                    "SELECT status, cancel_requested, lease_owner, attempt FROM send_jobs WHERE id = :id"
+                    f"SELECT status, cancel_requested, {fence_sql(lease)} FROM send_jobs "
+                    "WHERE id = :job_id"
                 ),
-                {"id": self._lease.job_id},
+                lease_params(lease),
             ).one()
-        status, cancel_requested, owner, attempt = row
-        return (
-            status != JobStatus.RUNNING
-            or cancel_requested
-            or (owner, attempt) != (self._lease.owner, self._lease.attempt)
-        )
+        return status != JobStatus.RUNNING or cancel_requested or not ours
 
     async def _watch(self) -> None:
         while not self._stop.is_set():
@@ -244,14 +250,7 @@ def _claim(
     job = session.get(SendJob, lease.job_id, populate_existing=True)
     assert job is not None
     rows = session.execute(
-        _CLAIM_ROWS,
-        {
-            "job_id": lease.job_id,
-            "owner": lease.owner,
-            "attempt": lease.attempt,
-            "after": bounds.after,
-            "last": bounds.last,
-        },
+        _claim_rows_sql(lease), lease_params(lease) | {"after": bounds.after, "last": bounds.last}
     ).all()
     windowed = job.messaging_type != MessagingType.MESSAGE_TAG
     claimed = [

@@ -1,8 +1,9 @@
 """A job's life: claim and lease, heartbeat, takeover of a dead runner's work, and the end states.
 
-A runner owns a job through its lease (``lease_owner`` + ``attempt``). The claim is one conditional
-UPDATE; every later write of the runner is fenced by both values, so a runner that lost its lease
-can neither write nor send again. Recipients a dead runner left ``sending`` become ``unknown``
+A runner owns a job through its lease (``lease_owner`` + ``attempt``), or one shard of a large job
+through the shard's lease (see ``pagecast.shards``). The claim is one conditional UPDATE; every
+later write of the runner is fenced by those values, so a runner that lost its lease can neither
+write nor send again. Recipients a dead runner left ``sending`` become ``unknown``
 (never silently resent), or ``pending`` when the job has ``resend_unknown``.
 """
 
@@ -25,6 +26,7 @@ class Lease:
     job_id: uuid.UUID
     owner: str
     attempt: int
+    shard: int | None = None
 
 
 _CLAIM = sa.text(
@@ -46,6 +48,12 @@ _ORPHANS = sa.text(
                                  ELSE 'runner stopped while the request was in flight' END
         FROM send_jobs j
         WHERE r.job_id = :job_id AND j.id = r.job_id AND r.status = 'sending'
+          AND r.psid > :after AND (CAST(:last AS text) IS NULL OR r.psid <= :last)
+          AND NOT EXISTS (
+              SELECT 1 FROM send_job_shards s
+              WHERE s.job_id = r.job_id AND s.status = 'running'
+                AND s.shard IS DISTINCT FROM CAST(:shard AS integer)
+                AND r.psid > s.psid_after AND r.psid <= s.psid_last)
         RETURNING r.status
     )
     UPDATE send_jobs SET unknown = unknown + (SELECT count(*) FROM orphans WHERE status = 'unknown')
@@ -53,11 +61,30 @@ _ORPHANS = sa.text(
     RETURNING (SELECT count(*) FROM orphans)
     """
 )
-_FENCE = "id = :job_id AND lease_owner = :owner AND attempt = :attempt"
 
 
-def _lease_params(lease: Lease) -> dict[str, object]:
-    return {"job_id": lease.job_id, "owner": lease.owner, "attempt": lease.attempt}
+def fence_sql(lease: Lease, table: str = "send_jobs") -> str:
+    """The SQL condition on a ``send_jobs`` row (named ``table``) that holds only while ``lease``
+    does; bind it with ``lease_params``."""
+    if lease.shard is None:
+        return (
+            f"{table}.id = :job_id AND {table}.lease_owner = :owner AND {table}.attempt = :attempt"
+        )
+    return (
+        f"{table}.id = :job_id AND EXISTS (SELECT 1 FROM send_job_shards s WHERE s.job_id = :job_id "
+        "AND s.shard = :shard AND s.lease_owner = :owner AND s.attempt = :attempt "
+        "AND s.status = 'running')"
+    )
+
+
+def lease_params(lease: Lease) -> dict[str, object]:
+    """The bind parameters of ``fence_sql``."""
+    return {
+        "job_id": lease.job_id,
+        "owner": lease.owner,
+        "attempt": lease.attempt,
+        "shard": lease.shard,
+    }
 
 
 def claim_job(
@@ -75,17 +102,33 @@ def claim_job(
     return Lease(job_id=job_id, owner=owner, attempt=attempt)
 
 
-def release_orphans(session: Session, *, job_id: uuid.UUID) -> int:
-    """Settle recipients left ``sending``: ``unknown``, or ``pending`` with ``resend_unknown``."""
-    return session.execute(_ORPHANS, {"job_id": job_id}).scalar_one()
+def release_orphans(
+    session: Session,
+    *,
+    job_id: uuid.UUID,
+    after: str = "",
+    last: str | None = None,
+    shard: int | None = None,
+) -> int:
+    """Settle recipients left ``sending`` (in ``after`` < psid ≤ ``last``): ``unknown``, or
+    ``pending`` with ``resend_unknown``. Rows of other shards being sent right now are left alone."""
+    params = {"job_id": job_id, "after": after, "last": last, "shard": shard}
+    return session.execute(_ORPHANS, params).scalar_one()
 
 
 def heartbeat(session: Session, *, lease: Lease) -> SendJob:
     """Keep the lease alive; returns the job so the runner sees cancel and pause requests."""
-    job_id = session.execute(
-        sa.text(f"UPDATE send_jobs SET heartbeat_at = now() WHERE {_FENCE} RETURNING id"),
-        _lease_params(lease),
-    ).scalar_one_or_none()
+    if lease.shard is None:
+        statement = (
+            f"UPDATE send_jobs SET heartbeat_at = now() WHERE {fence_sql(lease)} RETURNING id"
+        )
+    else:
+        statement = (
+            "UPDATE send_job_shards SET heartbeat_at = now() WHERE job_id = :job_id "
+            "AND shard = :shard AND lease_owner = :owner AND attempt = :attempt "
+            "AND status = 'running' RETURNING job_id"
+        )
+    job_id = session.execute(sa.text(statement), lease_params(lease)).scalar_one_or_none()
     if job_id is None:
         raise LeaseLost(lease.job_id)
     job = session.get(SendJob, lease.job_id, populate_existing=True)
@@ -99,10 +142,10 @@ def stop_running_job(session: Session, *, lease: Lease, status: JobStatus, reaso
     assert status in (JobStatus.FAILED, JobStatus.PAUSED)
     session.execute(
         sa.text(
-            f"UPDATE send_jobs SET status = :status, last_error = :reason WHERE {_FENCE} "
+            f"UPDATE send_jobs SET status = :status, last_error = :reason WHERE {fence_sql(lease)} "
             "AND status = 'running'"
         ),
-        _lease_params(lease) | {"status": status.value, "reason": reason},
+        lease_params(lease) | {"status": status.value, "reason": reason},
     )
 
 
@@ -153,9 +196,9 @@ def finish_job(session: Session, *, lease: Lease) -> SendJob:
     session.execute(
         sa.text(
             f"UPDATE send_jobs SET status = :status, lease_owner = NULL, heartbeat_at = NULL, "
-            f"finished_at = CASE WHEN :finished THEN now() END WHERE {_FENCE}"
+            f"finished_at = CASE WHEN :finished THEN now() END WHERE {fence_sql(lease)}"
         ),
-        _lease_params(lease) | {"status": status.value, "finished": finished},
+        lease_params(lease) | {"status": status.value, "finished": finished},
     )
     job = session.get(SendJob, lease.job_id, populate_existing=True)
     assert job is not None

@@ -45,6 +45,12 @@ class RecipientStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
+class ShardStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+
+
 class MessagingType(StrEnum):
     RESPONSE = "RESPONSE"
     UPDATE = "UPDATE"
@@ -182,6 +188,35 @@ class SendJobRecipient(SQLModel, table=True):
     error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     retryable: bool = Field(
         default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
+
+
+class SendJobShard(SQLModel, table=True):
+    """A disjoint PSID range of a large job (``psid_after`` < psid ≤ ``psid_last``), sent by a child
+    run under its own lease while the job's run holds the job."""
+
+    __tablename__ = "send_job_shards"
+    __table_args__ = (_in_check("status", ShardStatus),)
+
+    job_id: uuid.UUID = Field(
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True),
+            sa.ForeignKey("send_jobs.id", ondelete="CASCADE"),
+            primary_key=True,
+        )
+    )
+    shard: int = Field(sa_column=sa.Column(sa.Integer, primary_key=True, autoincrement=False))
+    psid_after: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    psid_last: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    status: str = Field(
+        default=ShardStatus.PENDING,
+        sa_column=sa.Column(sa.Text, nullable=False, server_default=ShardStatus.PENDING.value),
+    )
+    lease_owner: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    attempt: int = _counter()
+    heartbeat_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
     )
     updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
 

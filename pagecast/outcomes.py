@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col
 
 from pagecast.errors import GraphError, LeaseLost
-from pagecast.lifecycle import Lease
+from pagecast.lifecycle import Lease, fence_sql, lease_params
 from pagecast.models import JobStatus, RecipientStatus, SendJob
 
 MAX_ERROR_SAMPLES = 5
@@ -89,11 +89,8 @@ def record_outcomes(
 ) -> ChunkResult:
     """Write every outcome and the job's counters in one transaction, fenced by the lease."""
     summary_row = session.execute(
-        sa.text(
-            "SELECT error_summary FROM send_jobs WHERE id = :job_id AND lease_owner = :owner "
-            "AND attempt = :attempt FOR UPDATE"
-        ),
-        {"job_id": lease.job_id, "owner": lease.owner, "attempt": lease.attempt},
+        sa.text(f"SELECT error_summary FROM send_jobs WHERE {fence_sql(lease)} FOR UPDATE"),
+        lease_params(lease),
     ).first()
     if summary_row is None:
         raise LeaseLost(lease.job_id)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast import lifecycle
+from pagecast import lifecycle, shards
 from pagecast.chunks import ChunkBounds, next_chunk_bounds, send_chunk
 from pagecast.errors import LeaseLost
 from pagecast.graph import client_factory
@@ -56,33 +56,56 @@ class ErrorWindow:
 
 
 class JobRun:
-    """One runner's hold on one job, from claim to finish."""
+    """One runner's hold on one job (or, with ``shard``, on one range of a sharded job), from
+    claim to finish."""
 
     def __init__(
-        self, engine: sa.Engine, settings: Settings, *, job_id: uuid.UUID, owner: str
+        self,
+        engine: sa.Engine,
+        settings: Settings,
+        *,
+        job_id: uuid.UUID,
+        owner: str,
+        shard: int | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.job_id = job_id
         self.owner = owner
+        self.shard = shard
         self.lease: Lease | None = None
         self.totals = ChunkResult()
         self._after = ""
+        self._shard_lease: shards.ShardLease | None = None
         self._errors = ErrorWindow()
         self._stop_reason: str | None = None
 
     def claim(self) -> Lease | None:
-        """Take the job; ``None`` when it is not ours to run (held, ended, paused or not due)."""
+        """Take the job (or the range); ``None`` when it is not ours to run (held elsewhere, ended,
+        paused or not due)."""
         with Session(self.engine) as session, session.begin():
-            self.lease = lifecycle.claim_job(
-                session,
-                job_id=self.job_id,
-                owner=self.owner,
-                lease_seconds=self.settings.lease_seconds,
-            )
+            if self.shard is None:
+                self.lease = lifecycle.claim_job(
+                    session,
+                    job_id=self.job_id,
+                    owner=self.owner,
+                    lease_seconds=self.settings.lease_seconds,
+                )
+            else:
+                self._shard_lease = shards.claim_shard(
+                    session,
+                    job_id=self.job_id,
+                    shard=self.shard,
+                    owner=self.owner,
+                    lease_seconds=self.settings.lease_seconds,
+                )
+                if self._shard_lease is not None:
+                    self.lease = self._shard_lease.lease
+                    self._after = self._shard_lease.after
         return self.lease
 
-    def _job_state(self) -> SendJob:
+    def job_state(self) -> SendJob:
+        """Renew the lease and read the job (cancel and pause requests, counters)."""
         assert self.lease is not None
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             return lifecycle.heartbeat(session, lease=self.lease)
@@ -91,7 +114,7 @@ class JobRun:
         """Bounds of the next chunks to send, or ``[]`` when the run is done or must stop."""
         if self._stop_reason is not None:
             return []
-        job = self._job_state()
+        job = self.job_state()
         if job.status != JobStatus.RUNNING or job.cancel_requested:
             return []
         with Session(self.engine) as session:
@@ -101,6 +124,7 @@ class JobRun:
                 after=self._after,
                 chunk_size=self.settings.chunk_size,
                 chunks=self.settings.parallel_chunks,
+                until=self._shard_lease.last if self._shard_lease else None,
             )
         if wave:
             self._after = wave[-1].last
@@ -127,10 +151,15 @@ class JobRun:
             self._stop_reason = reason
 
     def finish(self) -> SendJob:
-        """Settle the job's final status and release the lease."""
+        """Settle the job's final status (a range: release it, done or pending) and the lease."""
         assert self.lease is not None
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            return lifecycle.finish_job(session, lease=self.lease)
+            if self._shard_lease is None:
+                return lifecycle.finish_job(session, lease=self.lease)
+            shards.finish_shard(session, shard=self._shard_lease)
+            job = session.get(SendJob, self.job_id, populate_existing=True)
+            assert job is not None
+            return job
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -141,7 +170,7 @@ class JobRun:
         def beat() -> None:
             while not stop.wait(interval):
                 try:
-                    self._job_state()
+                    self.job_state()
                 except LeaseLost:
                     return
 
@@ -163,9 +192,13 @@ async def run_in_process(
     job_id: uuid.UUID,
     token_for: Callable[[str], str],
     owner: str | None = None,
+    shard: int | None = None,
 ) -> SendJob | None:
-    """Run a job to its end without Prefect; ``None`` when it cannot be claimed."""
-    run = JobRun(engine, settings, job_id=job_id, owner=owner or f"local-{uuid.uuid4()}")
+    """Run a job (or one range of a sharded job) to its end without Prefect; ``None`` when it
+    cannot be claimed."""
+    run = JobRun(
+        engine, settings, job_id=job_id, owner=owner or f"local-{uuid.uuid4()}", shard=shard
+    )
     lease = run.claim()
     if lease is None:
         return None

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     default_rate_per_second: float = Field(default=20.0, gt=0, le=300)
     chunk_size: int = Field(default=200, ge=1, le=10_000)
     parallel_chunks: int = Field(default=4, ge=1, le=64, description="Chunks in flight per run.")
+    shard_size: int = Field(
+        default=50_000, ge=100, description="Jobs larger than this are sent by parallel child runs."
+    )
     chunk_task_limit: int = Field(
         default=16, ge=1, description="Chunk tasks in flight across all runs (a Prefect tag limit)."
     )

@@ -1,9 +1,10 @@
 """What a sweep must start: due pending jobs, and running jobs whose runner stopped heartbeating.
 
 A sweep starts one ``send-job`` run per such job with an idempotency key derived from the job, its
-attempt and the current lease period: two sweeps in the same period start one run, and a run that
-died before claiming its job is replaced in the next period. Two runs of one job can never both
-send (the claim admits one), so the key only saves wasted runs."""
+attempt and the current launch period (the lease, at least a minute, so a worker has time to
+start the run): two sweeps in the same period start one run, and a run that died before claiming
+its job is replaced in the next period. Two runs of one job can never both send (the claim admits
+one), so the key only saves wasted runs."""
 
 import time
 import uuid
@@ -13,6 +14,8 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from pagecast.lifecycle import release_orphans
+
+MIN_LAUNCH_PERIOD_SECONDS = 60
 
 _CANDIDATES = sa.text(
     """
@@ -37,8 +40,14 @@ class SweepItem:
 
     def run_key(self, lease_seconds: int, now: float | None = None) -> str:
         """The idempotency key of the ``send-job`` run that this sweep item starts."""
-        period = int((time.time() if now is None else now) // lease_seconds)
-        return f"pagecast-send-job-{self.job_id}-{self.attempt}-{period}"
+        return launch_key(f"pagecast-send-job-{self.job_id}-{self.attempt}", lease_seconds, now)
+
+
+def launch_key(prefix: str, lease_seconds: int, now: float | None = None) -> str:
+    """``prefix`` and the current launch period: the idempotency key of a run started on behalf of
+    a job or a range that is still unclaimed at that attempt."""
+    period_seconds = max(lease_seconds, MIN_LAUNCH_PERIOD_SECONDS)
+    return f"{prefix}-{int((time.time() if now is None else now) // period_seconds)}"
 
 
 def jobs_to_start(session: Session, *, lease_seconds: int, limit: int = 100) -> list[SweepItem]:

@@ -52,6 +52,7 @@ def send_chunk(
     after: str,
     last: str,
     chunks_in_flight: int = 1,
+    shard: int | None = None,
 ) -> dict[str, Any]:
     """Send the job's pending recipients with ``after`` < psid ≤ ``last``, with this chunk's share
     of the job's concurrency; returns the counts."""
@@ -60,7 +61,7 @@ def send_chunk(
     result = asyncio.run(
         send_chunk_core(
             get_engine(settings),
-            lease=Lease(job_id=job_id, owner=owner, attempt=attempt),
+            lease=Lease(job_id=job_id, owner=owner, attempt=attempt, shard=shard),
             bounds=ChunkBounds(after=after, last=last),
             client_factory=client_factory(settings, lambda _page_id: token),
             chunks_in_flight=chunks_in_flight,

@@ -134,6 +134,7 @@ def ops(tmp_path_factory, server_url, template_database):
             f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}": TOKEN,
             "PAGECAST_LEASE_SECONDS": str(LEASE_SECONDS),
             "PAGECAST_CHUNK_SIZE": "50",
+            "PAGECAST_SHARD_SIZE": "1000",
             "PAGECAST_NOTIFY_URL": f"http://127.0.0.1:{receiver.server_port}/hook",
             "PREFECT_HOME": str(home / "prefect"),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -227,6 +228,19 @@ def test_cancelling_the_flow_run_cancels_the_job(ops):
     assert len(ops.delivered_psids("cancelled run")) == len(
         set(ops.delivered_psids("cancelled run"))
     )
+
+
+def test_a_large_job_is_sent_by_child_runs_over_disjoint_ranges(ops):
+    job = create_job(ops.engine, 2400, rate=300.0, text="sharded")
+    ops.start("send-job/send-job", {"job_id": str(job.id)})
+    finished = ops.wait_for(
+        lambda: (j := job_row(ops.engine, job.id)).status == "completed" and j, "the sharded job"
+    )
+    runs = ops.send_job_runs(job.id)
+    assert sorted(r["parameters"].get("shard", -1) for r in runs) == [-1, 0, 1, 2]
+    delivered = ops.delivered_psids("sharded")
+    assert finished.sent == len(delivered) == len(set(delivered)) == 2400
+    assert ops.sandbox.stats()["pages"][PAGE]["max_per_second"] <= 300
 
 
 def test_broadcast_over_rest_with_an_idempotency_key(ops):
