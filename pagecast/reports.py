@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from pagecast.chunks import TEXT_TOO_LONG
+from pagecast.graph import OUTSIDE_WINDOW
 from pagecast.models import SendJob
 
 
@@ -25,7 +27,8 @@ def job_summary_rows(job: SendJob) -> list[dict[str, Any]]:
     for code, count in sorted(
         (job.error_summary.get("by_code") or {}).items(), key=lambda kv: -kv[1]
     ):
-        rows.append({"item": f"error {code}", "value": count, "detail": messages.get(code, "")})
+        label = {OUTSIDE_WINDOW: "skipped", TEXT_TOO_LONG: "failed"}.get(code, "error")
+        rows.append({"item": f"{label} {code}", "value": count, "detail": messages.get(code, "")})
     if job.started_at and job.finished_at:
         seconds = (job.finished_at - job.started_at).total_seconds()
         done = job.sent + job.failed + job.skipped + job.unknown
