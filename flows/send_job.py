@@ -1,11 +1,11 @@
-"""The send-job flow: claim a job, send it in waves of mapped chunk tasks, settle its status."""
+"""The send-job flow: claim a job, keep a few chunk tasks in flight until it is sent, settle it."""
 
 import sys
 import time
 import uuid
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger, unmapped
+from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -15,10 +15,12 @@ from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import State
 
 from pagecast import lifecycle, shards
+from pagecast.chunks import ChunkBounds
 from pagecast.db import ready_engine, session_scope
 from pagecast.errors import MissingPageToken
 from pagecast.lifecycle import Lease
@@ -85,19 +87,28 @@ def _children_can_run() -> bool:
     return True
 
 
-def _send_waves(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID | None) -> None:
-    while wave := run.next_wave():
-        futures = send_chunk.map(
-            job_id=unmapped(job.id),
-            page_id=unmapped(job.page_id),
-            owner=unmapped(lease.owner),
-            attempt=unmapped(lease.attempt),
-            after=[bounds.after for bounds in wave],
-            last=[bounds.last for bounds in wave],
-            chunks_in_flight=unmapped(len(wave)),
-            shard=unmapped(lease.shard),
+def _send_chunks(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID | None) -> None:
+    """Keep ``parallel_chunks`` chunk tasks in flight; each gets two keyset bounds, never a list."""
+    parallel = run.settings.parallel_chunks
+
+    def submit(bounds: ChunkBounds) -> PrefectFuture[dict[str, Any]]:
+        return send_chunk.submit(
+            job_id=job.id,
+            page_id=job.page_id,
+            owner=lease.owner,
+            attempt=lease.attempt,
+            after=bounds.after,
+            last=bounds.last,
+            chunks_in_flight=parallel,
+            shard=lease.shard,
         )
-        run.absorb([ChunkResult(**future.result()) for future in futures])
+
+    in_flight = [submit(bounds) for bounds in run.next_chunks(parallel)]
+    while in_flight:
+        done = next(as_completed(in_flight))
+        in_flight.remove(done)
+        run.absorb([ChunkResult(**done.result())])
+        in_flight += [submit(bounds) for bounds in run.next_chunks(parallel - len(in_flight))]
         if progress is not None:
             update_progress_artifact(progress, _percent(run.job_state()))
 
@@ -155,7 +166,7 @@ def send_job(job_id: uuid.UUID, shard: int | None = None) -> dict[str, Any]:
             )
     if shard is not None:
         with run.heartbeat():
-            _send_waves(run, job, lease, progress=None)
+            _send_chunks(run, job, lease, progress=None)
         run.finish()
         return {"job_id": str(job_id), "shard": shard, "claimed": True, **run.totals.as_dict()}
     progress = create_progress_artifact(
@@ -170,7 +181,7 @@ def send_job(job_id: uuid.UUID, shard: int | None = None) -> dict[str, Any]:
             logger.info("job %s is sent by %d child runs", job_id, ranges)
             _supervise_shards(run, progress)
         else:
-            _send_waves(run, job, lease, progress)
+            _send_chunks(run, job, lease, progress)
     job = run.finish()
     update_progress_artifact(progress, _percent(job))
     create_table_artifact(

@@ -1,6 +1,6 @@
-"""Driving one run of a job: claim, waves of chunks, heartbeat, error threshold, finish.
+"""Driving one run of a job: claim, chunks in flight, heartbeat, error threshold, finish.
 
-The Prefect flow (``flows/send_job.py``) maps ``send_chunk`` tasks over each wave; this module holds
+The Prefect flow (``flows/send_job.py``) submits ``send_chunk`` tasks as chunks end; this module holds
 the decisions, so they are tested without Prefect, and ``run_in_process`` drives the same run
 with asyncio alone (tests, benchmarks, embedding)."""
 
@@ -110,28 +110,31 @@ class JobRun:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             return lifecycle.heartbeat(session, lease=self.lease)
 
-    def next_wave(self) -> list[ChunkBounds]:
-        """Bounds of the next chunks to send, or ``[]`` when the run is done or must stop."""
+    def next_chunks(self, count: int) -> list[ChunkBounds]:
+        """Bounds of up to ``count`` next chunks, or ``[]`` when the run is done or must stop.
+
+        Runs keep ``PAGECAST_PARALLEL_CHUNKS`` chunks in flight and ask for the next one as soon
+        as one ends, so one slow chunk (a recipient backing off) never idles the others."""
         if self._stop_reason is not None:
             return []
         job = self.job_state()
         if job.status != JobStatus.RUNNING or job.cancel_requested:
             return []
         with Session(self.engine) as session:
-            wave = next_chunk_bounds(
+            chunks = next_chunk_bounds(
                 session,
                 job_id=self.job_id,
                 after=self._after,
                 chunk_size=self.settings.chunk_size,
-                chunks=self.settings.parallel_chunks,
+                chunks=count,
                 until=self._shard_lease.last if self._shard_lease else None,
             )
-        if wave:
-            self._after = wave[-1].last
-        return wave
+        if chunks:
+            self._after = chunks[-1].last
+        return chunks
 
     def absorb(self, results: list[ChunkResult]) -> None:
-        """Add a wave's results; pause the job if too many recipients fail permanently."""
+        """Add finished chunks' results; pause the job if too many recipients fail permanently."""
         for result in results:
             for name in ("sent", "failed", "skipped", "unknown", "requeued", "permanent_failures"):
                 setattr(self.totals, name, getattr(self.totals, name) + getattr(result, name))
@@ -203,19 +206,24 @@ async def run_in_process(
     if lease is None:
         return None
     build_client = client_factory(settings, token_for)
-    with run.heartbeat():
-        while wave := await asyncio.to_thread(run.next_wave):
-            results = await asyncio.gather(
-                *(
-                    send_chunk(
-                        engine,
-                        lease=lease,
-                        bounds=b,
-                        client_factory=build_client,
-                        chunks_in_flight=len(wave),
-                    )
-                    for b in wave
-                )
+    parallel = settings.parallel_chunks
+
+    def start(bounds: ChunkBounds) -> asyncio.Task[ChunkResult]:
+        return asyncio.create_task(
+            send_chunk(
+                engine,
+                lease=lease,
+                bounds=bounds,
+                client_factory=build_client,
+                chunks_in_flight=parallel,
             )
-            await asyncio.to_thread(run.absorb, list(results))
+        )
+
+    with run.heartbeat():
+        in_flight = {start(b) for b in await asyncio.to_thread(run.next_chunks, parallel)}
+        while in_flight:
+            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.to_thread(run.absorb, [task.result() for task in done])
+            more = await asyncio.to_thread(run.next_chunks, parallel - len(in_flight))
+            in_flight |= {start(b) for b in more}
     return await asyncio.to_thread(run.finish)
