@@ -5,7 +5,7 @@ import time
 import uuid
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -14,19 +14,19 @@ from prefect.artifacts import (
 from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
-from prefect.exceptions import ObjectNotFound
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.runtime import flow_run as current_flow_run
+from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
 from prefect.states import State
 
-from pagecast import lifecycle, shards
+from pagecast import lifecycle, repo, shards, trigger
 from pagecast.chunks import ChunkBounds
 from pagecast.db import ready_engine, session_scope
 from pagecast.errors import MissingPageToken
 from pagecast.lifecycle import Lease
 from pagecast.models import JobStatus, SendJob
 from pagecast.outcomes import ChunkResult
-from pagecast.reports import job_summary_rows
+from pagecast.reports import job_summary_rows, waiting_for
 from pagecast.runner import JobRun
 from pagecast.settings import get_settings
 from pagecast.sweeps import launch_key
@@ -77,18 +77,27 @@ def _announce(job: SendJob) -> None:
     )
 
 
-def _children_can_run() -> bool:
-    """Child runs need the send-job deployment (and so a work pool) on the Prefect server."""
-    try:
-        with get_client(sync_client=True) as client:
-            client.read_deployment_by_name(SEND_JOB_DEPLOYMENT)
-    except ObjectNotFound:
-        return False
-    return True
+def _why_no_child_runs() -> str | None:
+    """Why child runs could not send ranges now (``None``: a worker is online for the send-job
+    deployment's pool, so they can)."""
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        return "no Prefect server runs deployments here"
+    name = SEND_JOB_DEPLOYMENT.split("/")
+    deployment = trigger.find_deployment(
+        api_url, flow_name=name[0], deployment_name=name[1], api_key=PREFECT_API_KEY.value()
+    )
+    if deployment is None:
+        return "there is no send-job deployment"
+    if not deployment.workers_online:
+        return f"no worker is online for work pool {deployment.work_pool!r}"
+    return None
 
 
 def _send_chunks(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID | None) -> None:
-    """Keep ``parallel_chunks`` chunk tasks in flight; each gets two keyset bounds, never a list."""
+    """Keep ``parallel_chunks`` chunk tasks in flight; each gets two keyset bounds, never a list.
+    When a chunk task fails for good, the job is stopped ``failed`` and the other chunks are
+    waited for (they record what they sent) before the error propagates."""
     parallel = run.settings.parallel_chunks
 
     def submit(bounds: ChunkBounds) -> PrefectFuture[dict[str, Any]]:
@@ -107,32 +116,60 @@ def _send_chunks(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID | 
     while in_flight:
         done = next(as_completed(in_flight))
         in_flight.remove(done)
-        run.absorb([ChunkResult(**done.result())])
+        try:
+            result = ChunkResult(**done.result())
+        except Exception as error:
+            run.fail(error)
+            wait(in_flight)
+            raise
+        run.absorb([result])
         in_flight += [submit(bounds) for bounds in run.next_chunks(parallel - len(in_flight))]
         if progress is not None:
             update_progress_artifact(progress, _percent(run.job_state()))
 
 
+def _send_range(parent: JobRun, shard: int) -> None:
+    """Send one range of a sharded job in this run (a child run, or the job's own run when no
+    worker could start one)."""
+    run = JobRun(
+        parent.engine, parent.settings, job_id=parent.job_id, owner=parent.owner, shard=shard
+    )
+    lease = run.claim()
+    if lease is None:
+        return
+    with run.heartbeat(), run.failing_on_error():
+        _send_chunks(run, run.job_state(), lease, progress=None)
+    run.finish()
+
+
 def _supervise_shards(run: JobRun, progress: uuid.UUID) -> None:
     """Start a child run per range (again when one stops heartbeating) until all are done, or
-    until the job stops and no child is sending any more."""
+    until the job stops and no child is sending any more. With no worker online for the child
+    runs, this run sends the waiting ranges itself."""
+    logger = get_run_logger()
     lease_seconds = run.settings.lease_seconds
     while True:
         job = run.job_state()
         with session_scope(run.engine) as session:
             state = shards.plan(session, job_id=run.job_id, lease_seconds=lease_seconds)
         active = job.status == JobStatus.RUNNING and not job.cancel_requested
-        if active:
-            for shard, attempt in state.to_start:
-                run_deployment(
-                    SEND_JOB_DEPLOYMENT,
-                    parameters={"job_id": str(run.job_id), "shard": shard},
-                    timeout=0,
-                    idempotency_key=launch_key(
-                        f"pagecast-shard-{run.job_id}-{shard}-{attempt}", lease_seconds
-                    ),
-                    as_subflow=False,
+        blocker = _why_no_child_runs() if active and state.to_start else None
+        for shard, attempt in state.to_start if active else []:
+            if blocker is not None:
+                logger.warning(
+                    "job %s: this run sends range %d itself: %s", run.job_id, shard, blocker
                 )
+                _send_range(run, shard)
+                continue
+            run_deployment(
+                SEND_JOB_DEPLOYMENT,
+                parameters={"job_id": str(run.job_id), "shard": shard},
+                timeout=0,
+                idempotency_key=launch_key(
+                    f"pagecast-shard-{run.job_id}-{shard}-{attempt}", lease_seconds
+                ),
+                as_subflow=False,
+            )
         update_progress_artifact(progress, _percent(job))
         if state.unfinished == 0 or (not active and state.running == 0):
             with session_scope(run.engine) as session:
@@ -141,54 +178,83 @@ def _supervise_shards(run: JobRun, progress: uuid.UUID) -> None:
         time.sleep(SUPERVISE_SECONDS)
 
 
+def _log_unclaimable(run: JobRun) -> None:
+    with session_scope(run.engine) as session:
+        job = repo.get_job(session, job_id=run.job_id)
+        waiting = waiting_for(session, job, lease_seconds=run.settings.lease_seconds)
+    get_run_logger().info(
+        "job %s (range %s) is not claimable now: it is %s%s",
+        run.job_id,
+        run.shard,
+        job.status,
+        f", waiting for {waiting}" if waiting else "",
+    )
+
+
+def _send_whole_job(run: JobRun, lease: Lease) -> SendJob:
+    """The job's own run: send it (or supervise child runs over its ranges) and settle it."""
+    logger = get_run_logger()
+    job = run.job_state()
+    progress = create_progress_artifact(
+        _percent(job), key=f"pagecast-job-{job.id}-progress", description=f"job {job.id}"
+    )
+    with run.heartbeat(), run.failing_on_error():
+        try:
+            page_token(job.page_id)
+        except MissingPageToken as exc:
+            with session_scope(run.engine) as session:
+                lifecycle.stop_running_job(
+                    session, lease=lease, status=JobStatus.FAILED, reason=str(exc)
+                )
+        large = job.total > run.settings.shard_size
+        blocker = _why_no_child_runs() if large else None
+        ranges = 0
+        if large and blocker is None:
+            with session_scope(run.engine) as session:
+                ranges = shards.ensure_shards(
+                    session, job_id=job.id, shard_size=run.settings.shard_size
+                )
+        if ranges:
+            logger.info("job %s is sent by %d child runs", job.id, ranges)
+            _supervise_shards(run, progress)
+        else:
+            if blocker is not None:
+                logger.warning("job %s is sent by this run alone: %s", job.id, blocker)
+            _send_chunks(run, job, lease, progress)
+    job = run.finish()
+    update_progress_artifact(progress, _percent(job))
+    return job
+
+
 @flow(name="send-job", on_cancellation=[request_cancel])
 def send_job(job_id: uuid.UUID, shard: int | None = None) -> dict[str, Any]:
     """Send a pagecast job: every recipient ends sent, failed, skipped or unknown — exactly once.
 
     A job with more than ``PAGECAST_SHARD_SIZE`` pending recipients is split into ranges sent by
-    child runs of this deployment (``shard`` names the range of a child run)."""
-    logger = get_run_logger()
+    child runs of this deployment (``shard`` names the range of a child run). An error the run
+    does not expect ends the job ``failed`` with the error in ``last_error``."""
     settings = get_settings()
     engine = ready_engine(settings)
     owner = str(current_flow_run.id or uuid.uuid4())
     run = JobRun(engine, settings, job_id=job_id, owner=owner, shard=shard)
+    if shard is not None:
+        _send_range(run, shard)
+        return {"job_id": str(job_id), "shard": shard}
     lease = run.claim()
     if lease is None:
-        logger.info("job %s (range %s) is not claimable now", job_id, shard)
+        _log_unclaimable(run)
         return {"job_id": str(job_id), "claimed": False}
-    job = run.job_state()
     try:
-        page_token(job.page_id)
-    except MissingPageToken as exc:
+        job = _send_whole_job(run, lease)
+    except Exception:
         with session_scope(engine) as session:
-            lifecycle.stop_running_job(
-                session, lease=lease, status=JobStatus.FAILED, reason=str(exc)
-            )
-    if shard is not None:
-        with run.heartbeat():
-            _send_chunks(run, job, lease, progress=None)
-        run.finish()
-        return {"job_id": str(job_id), "shard": shard, "claimed": True, **run.totals.as_dict()}
-    progress = create_progress_artifact(
-        _percent(job), key=f"pagecast-job-{job_id}-progress", description=f"job {job_id}"
-    )
-    with run.heartbeat():
-        with session_scope(engine) as session:
-            ranges = _children_can_run() and shards.ensure_shards(
-                session, job_id=job_id, shard_size=settings.shard_size
-            )
-        if ranges:
-            logger.info("job %s is sent by %d child runs", job_id, ranges)
-            _supervise_shards(run, progress)
-        else:
-            _send_chunks(run, job, lease, progress)
-    job = run.finish()
-    update_progress_artifact(progress, _percent(job))
+            _announce(repo.get_job(session, job_id=job_id))
+        raise
     create_table_artifact(
         job_summary_rows(job), key=f"pagecast-job-{job_id}", description=f"job {job_id}"
     )
     _announce(job)
-    logger.info("job %s ended %s", job_id, job.status)
+    get_run_logger().info("job %s ended %s", job_id, job.status)
     return {"job_id": str(job_id), "claimed": True, "status": job.status}
 
 

@@ -1,4 +1,6 @@
-"""The sweep flow: start every due or abandoned job, so nothing pending or stuck is left behind."""
+"""The sweep flow: end dead runs and start every due job, so nothing pending or stuck is left
+behind. Scheduled every minute by ``prefect.yaml``; ``pagecast sweep`` does the same without
+Prefect."""
 
 from typing import Annotated, Any
 
@@ -9,8 +11,9 @@ from pydantic import Field
 
 from flows.send_job import SEND_JOB_DEPLOYMENT
 from pagecast.db import ready_engine, session_scope
+from pagecast.lifecycle import Recovery
 from pagecast.settings import get_settings
-from pagecast.sweeps import jobs_to_start
+from pagecast.sweeps import sweep_jobs
 
 
 @flow(name="sweep")
@@ -18,26 +21,30 @@ def sweep(limit: Annotated[int, Field(ge=1, le=10_000)] = 100) -> list[dict[str,
     """Start a ``send-job`` run for each due pending job and each job whose runner died."""
     logger = get_run_logger()
     settings = get_settings()
+    recovery = Recovery.from_settings(settings)
     with session_scope(ready_engine(settings)) as session:
-        items = jobs_to_start(session, lease_seconds=settings.lease_seconds, limit=limit)
+        items = sweep_jobs(session, recovery=recovery, limit=limit)
     rows = []
     for item in items:
-        flow_run = run_deployment(
-            SEND_JOB_DEPLOYMENT,
-            parameters={"job_id": str(item.job_id)},
-            timeout=0,
-            idempotency_key=item.run_key(settings.lease_seconds),
-            as_subflow=False,
-        )
+        run_name = "-"
+        if item.start:
+            flow_run = run_deployment(
+                SEND_JOB_DEPLOYMENT,
+                parameters={"job_id": str(item.job_id)},
+                timeout=0,
+                idempotency_key=item.run_key(recovery.lease_seconds),
+                as_subflow=False,
+            )
+            run_name = str(flow_run.name)
         rows.append(
             {
                 "job": str(item.job_id),
                 "reason": item.reason,
                 "in-flight recipients settled": item.orphans_settled,
-                "send-job run": str(flow_run.id),
+                "send-job run": run_name,
             }
         )
-        logger.info("job %s (%s): send-job run %s", item.job_id, item.reason, flow_run.id)
+        logger.info("%s: send-job run %s", item.describe(), run_name)
     create_table_artifact(
         rows
         or [

@@ -5,6 +5,7 @@ Exception tree::
     PagecastError                  base of everything pagecast raises on purpose
     ├── ConfigurationError         settings or environment cannot work (bad DSN, schema not migrated)
     ├── JobNotFound                no job with that id
+    ├── JobStateConflict           the job's status does not allow the command (cancel a completed job)
     ├── IdempotencyConflict        an idempotency key already names a job with other parameters
     ├── MissingPageToken           no access token is configured for a page
     ├── LeaseLost                  another runner owns the job now; this one must stop writing and sending
@@ -37,8 +38,17 @@ class JobNotFound(PagecastError):
     """No job has the given id."""
 
     def __init__(self, job_id: object) -> None:
-        super().__init__(f"no job with id {job_id}")
+        super().__init__(f"no job {job_id}")
         self.job_id = job_id
+
+
+class JobStateConflict(PagecastError):
+    """The job's status does not allow the command; nothing was changed."""
+
+    def __init__(self, job_id: object, status: str, message: str) -> None:
+        super().__init__(f"job {job_id} is {status}: {message}")
+        self.job_id = job_id
+        self.status = status
 
 
 class IdempotencyConflict(PagecastError):
@@ -170,6 +180,7 @@ __all__ = [
     "InvalidInput",
     "JobFatalGraphError",
     "JobNotFound",
+    "JobStateConflict",
     "LeaseLost",
     "LineProblem",
     "MissingPageToken",

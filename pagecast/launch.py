@@ -16,9 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlmodel import Session
 
+from pagecast import repo
 from pagecast.errors import ConfigurationError
 from pagecast.models import JobStatus, SendJob
-from pagecast.reports import job_summary_rows
+from pagecast.reports import job_summary_rows, waiting_for
 from pagecast.settings import Settings
 
 POLL_SECONDS = 0.5
@@ -49,6 +50,11 @@ def stack_api_url(home: Path) -> str | None:
     return str(stack["api_url"])
 
 
+def prefect_api_url(settings: Settings) -> str | None:
+    """The Prefect API to use: ``PREFECT_API_URL``, else the local stack's, else ``None``."""
+    return os.environ.get("PREFECT_API_URL") or stack_api_url(settings.home.expanduser().resolve())
+
+
 def start_flow(settings: Settings, job_id: uuid.UUID, *, log_path: Path) -> subprocess.Popen[bytes]:
     """Start ``flows/send_job.py`` for the job in a child process logging to ``log_path``; it
     uses the same database (the embedded one too) as this process."""
@@ -68,11 +74,11 @@ def start_flow(settings: Settings, job_id: uuid.UUID, *, log_path: Path) -> subp
         )
 
 
-def _job(engine: sa.Engine, job_id: uuid.UUID) -> SendJob:
+def _job_and_wait(engine: sa.Engine, job_id: uuid.UUID, lease_seconds: int) -> tuple[SendJob, str]:
     with Session(engine, expire_on_commit=False) as session:
-        job = session.get(SendJob, job_id)
-    assert job is not None
-    return job
+        job = repo.get_job(session, job_id=job_id)
+        waiting = waiting_for(session, job, lease_seconds=lease_seconds)
+    return job, f"{job.status}: waiting for {waiting}" if waiting else str(job.status)
 
 
 def _counts(job: SendJob) -> str:
@@ -83,10 +89,16 @@ def _counts(job: SendJob) -> str:
 
 
 def watch(
-    engine: sa.Engine, job_id: uuid.UUID, process: subprocess.Popen[bytes], console: Console
+    engine: sa.Engine,
+    job_id: uuid.UUID,
+    process: subprocess.Popen[bytes],
+    console: Console,
+    *,
+    lease_seconds: int,
 ) -> SendJob:
-    """Show a progress bar from the job's counters until the flow process exits."""
-    job = _job(engine, job_id)
+    """Show a progress bar from the job's counters until the flow process exits; its description
+    is the job's status and whatever the job waits for."""
+    job, line = _job_and_wait(engine, job_id, lease_seconds)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -95,12 +107,12 @@ def watch(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("sending", total=job.total, counts=_counts(job))
+        bar = progress.add_task(line, total=job.total, counts=_counts(job))
         while True:
             finished = process.poll() is not None
-            job = _job(engine, job_id)
+            job, line = _job_and_wait(engine, job_id, lease_seconds)
             done = job.sent + job.failed + job.skipped + job.unknown
-            progress.update(bar, completed=done, counts=_counts(job), description=job.status)
+            progress.update(bar, completed=done, counts=_counts(job), description=line)
             if finished:
                 return job
             time.sleep(POLL_SECONDS)

@@ -5,6 +5,11 @@ through the shard's lease (see ``pagecast.shards``). The claim is one conditiona
 later write of the runner is fenced by those values, so a runner that lost its lease can neither
 write nor send again. Recipients a dead runner left ``sending`` become ``unknown``
 (never silently resent), or ``pending`` when the job has ``resend_unknown``.
+
+A run that ends with recipients still pending (its runner died, or it stopped early) puts the job
+back to ``pending``. Runs that end without progress (no recipient sent, failed or skipped since the
+claim) are counted: the sweep waits an exponential backoff before the next one, and gives the job
+up as ``failed`` after ``max_stalled_runs`` of them in a row, instead of restarting it forever.
 """
 
 import uuid
@@ -13,8 +18,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast.errors import InvalidInput, JobNotFound, LeaseLost
+from pagecast.errors import JobNotFound, JobStateConflict, LeaseLost
 from pagecast.models import JobStatus, SendJob
+from pagecast.settings import Settings
 
 CANCELLED_REASON = "job_cancelled"
 
@@ -29,16 +35,71 @@ class Lease:
     shard: int | None = None
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """When a silent runner counts as dead, and how runs that end without progress are retried:
+    after ``backoff_seconds`` (doubling, at most 16 times that), at most ``max_stalled_runs`` in a row."""
+
+    lease_seconds: int = 120
+    max_stalled_runs: int = 5
+    backoff_seconds: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Recovery":
+        return cls(
+            lease_seconds=settings.lease_seconds,
+            max_stalled_runs=settings.max_stalled_runs,
+            backoff_seconds=settings.stall_backoff_seconds,
+        )
+
+    def params(self) -> dict[str, float]:
+        return {
+            "lease_seconds": self.lease_seconds,
+            "max_stalled": self.max_stalled_runs,
+            "backoff": self.backoff_seconds,
+        }
+
+
 _CLAIM = sa.text(
     """
     UPDATE send_jobs SET status = 'running', lease_owner = :owner, attempt = attempt + 1,
-        heartbeat_at = now(), started_at = COALESCE(started_at, now()), finished_at = NULL
-    WHERE id = :job_id AND NOT cancel_requested AND scheduled_at <= now()
-      AND (status = 'pending'
-           OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => :lease_seconds)))
+        heartbeat_at = now(), started_at = COALESCE(started_at, now()), finished_at = NULL,
+        progress_at_claim = sent + failed + skipped, waiting_for = NULL
+    WHERE id = :job_id AND status = 'pending' AND NOT cancel_requested AND scheduled_at <= now()
     RETURNING attempt
     """
 )
+_DEAD_RUNS = sa.text(
+    """
+    SELECT id, cancel_requested FROM send_jobs
+    WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => :lease_seconds)
+      AND (CAST(:job_id AS uuid) IS NULL OR id = :job_id)
+    ORDER BY heartbeat_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """
+)
+# A run ended with recipients pending: back to pending, or given up after too many stalled runs.
+# (SET expressions see the row as it was: ``stalled_runs`` is the count before this run.)
+_END_RUN = """
+    UPDATE send_jobs SET lease_owner = NULL, heartbeat_at = NULL,
+        stalled_runs = CASE WHEN sent + failed + skipped > progress_at_claim THEN 0
+                            ELSE stalled_runs + 1 END,
+        status = CASE WHEN sent + failed + skipped <= progress_at_claim
+                           AND stalled_runs + 1 >= :max_stalled THEN 'failed' ELSE 'pending' END,
+        finished_at = CASE WHEN sent + failed + skipped <= progress_at_claim
+                                AND stalled_runs + 1 >= :max_stalled THEN now() END,
+        last_error = CASE WHEN sent + failed + skipped <= progress_at_claim
+                               AND stalled_runs + 1 >= :max_stalled
+                          THEN 'gave up: ' || (stalled_runs + 1) || ' runs in a row ended without '
+                               || 'progress (last: ' || :reason || '); pagecast job retry resumes'
+                          ELSE last_error END,
+        next_attempt_at = CASE WHEN sent + failed + skipped > progress_at_claim THEN NULL
+                               ELSE now() + make_interval(secs => least(
+                                   :backoff * power(2, stalled_runs), :backoff * 16)) END
+    WHERE {where}
+    RETURNING status
+"""
 _ORPHANS = sa.text(
     """
     WITH orphans AS (
@@ -88,18 +149,61 @@ def lease_params(lease: Lease) -> dict[str, object]:
 
 
 def claim_job(
-    session: Session, *, job_id: uuid.UUID, owner: str, lease_seconds: int
+    session: Session, *, job_id: uuid.UUID, owner: str, recovery: Recovery
 ) -> Lease | None:
-    """Take the job if it is pending and due, or running under an expired lease; ``None`` otherwise.
-
-    Recipients left ``sending`` by an earlier runner are settled in the same transaction."""
-    attempt = session.execute(
-        _CLAIM, {"job_id": job_id, "owner": owner, "lease_seconds": lease_seconds}
-    ).scalar_one_or_none()
+    """Take the job if it is pending and due, or running under an expired lease (that dead run is
+    ended first, see ``end_dead_runs``); ``None`` otherwise. Recipients left ``sending`` by an
+    earlier runner are settled in the same transaction."""
+    end_dead_runs(session, recovery=recovery, job_id=job_id)
+    attempt = session.execute(_CLAIM, {"job_id": job_id, "owner": owner}).scalar_one_or_none()
     if attempt is None:
         return None
     release_orphans(session, job_id=job_id)
     return Lease(job_id=job_id, owner=owner, attempt=attempt)
+
+
+@dataclass(frozen=True)
+class DeadRun:
+    """A run whose runner stopped heartbeating, as ``end_dead_runs`` settled it."""
+
+    job_id: uuid.UUID
+    orphans_settled: int
+    status: JobStatus
+
+
+def end_dead_runs(
+    session: Session, *, recovery: Recovery, job_id: uuid.UUID | None = None, limit: int = 100
+) -> list[DeadRun]:
+    """End the runs whose runner stopped heartbeating (all of them, or ``job_id``'s): settle their
+    in-flight recipients, then make the job ``pending`` again (``failed`` when it stalled too often)
+    or, when a cancel was requested, ``cancelled``. Jobs another transaction holds are skipped."""
+    rows = session.execute(_DEAD_RUNS, recovery.params() | {"job_id": job_id, "limit": limit}).all()
+    ended = []
+    for dead_id, cancel_requested in rows:
+        settled = release_orphans(session, job_id=dead_id)
+        if cancel_requested:
+            status = _cancel_now(session, dead_id)
+        else:
+            status = _end_run(
+                session,
+                "id = :job_id",
+                {"job_id": dead_id},
+                recovery,
+                "runner stopped heartbeating",
+            )
+        ended.append(DeadRun(job_id=dead_id, orphans_settled=settled, status=status))
+    return ended
+
+
+def _end_run(
+    session: Session, where: str, params: dict[str, object], recovery: Recovery, reason: str
+) -> JobStatus:
+    status = session.execute(
+        sa.text(_END_RUN.format(where=where)), params | recovery.params() | {"reason": reason}
+    ).scalar_one_or_none()
+    if status is None:
+        raise LeaseLost(params["job_id"])
+    return JobStatus(status)
 
 
 def release_orphans(
@@ -114,6 +218,22 @@ def release_orphans(
     ``pending`` with ``resend_unknown``. Rows of other shards being sent right now are left alone."""
     params = {"job_id": job_id, "after": after, "last": last, "shard": shard}
     return session.execute(_ORPHANS, params).scalar_one()
+
+
+def _read_job(session: Session, job_id: uuid.UUID, *, for_update: bool = False) -> SendJob:
+    job = session.get(SendJob, job_id, populate_existing=True, with_for_update=for_update)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def _pending_count(session: Session, job_id: uuid.UUID) -> int:
+    return session.execute(
+        sa.text(
+            "SELECT count(*) FROM send_job_recipients WHERE job_id = :job_id AND status = 'pending'"
+        ),
+        {"job_id": job_id},
+    ).scalar_one()
 
 
 def heartbeat(session: Session, *, lease: Lease) -> SendJob:
@@ -131,15 +251,14 @@ def heartbeat(session: Session, *, lease: Lease) -> SendJob:
     job_id = session.execute(sa.text(statement), lease_params(lease)).scalar_one_or_none()
     if job_id is None:
         raise LeaseLost(lease.job_id)
-    job = session.get(SendJob, lease.job_id, populate_existing=True)
-    assert job is not None
-    return job
+    return _read_job(session, lease.job_id)
 
 
 def stop_running_job(session: Session, *, lease: Lease, status: JobStatus, reason: str) -> None:
-    """Stop the job from its runner: ``failed`` (a job-fatal error) or ``paused`` (too many
-    permanent failures). Recipients not yet sent stay ``pending`` for a retry or a resume."""
-    assert status in (JobStatus.FAILED, JobStatus.PAUSED)
+    """Stop the job from its runner: ``failed`` (a job-fatal or unexpected error) or ``paused``
+    (too many permanent failures). Recipients not yet sent stay ``pending`` for a retry or a resume."""
+    if status not in (JobStatus.FAILED, JobStatus.PAUSED):
+        raise ValueError(f"a runner stops its job as failed or paused, not {status}")
     session.execute(
         sa.text(
             f"UPDATE send_jobs SET status = :status, last_error = :reason WHERE {fence_sql(lease)} "
@@ -149,7 +268,8 @@ def stop_running_job(session: Session, *, lease: Lease, status: JobStatus, reaso
     )
 
 
-def _skip_pending(session: Session, job_id: uuid.UUID) -> None:
+def _cancel_now(session: Session, job_id: uuid.UUID) -> JobStatus:
+    """Skip every pending recipient and end the job ``cancelled``."""
     session.execute(
         sa.text(
             """
@@ -157,81 +277,101 @@ def _skip_pending(session: Session, job_id: uuid.UUID) -> None:
                 UPDATE send_job_recipients SET status = 'skipped', error_message = :reason
                 WHERE job_id = :job_id AND status = 'pending' RETURNING 1
             )
-            UPDATE send_jobs SET skipped = skipped + (SELECT count(*) FROM skipped) WHERE id = :job_id
+            UPDATE send_jobs SET skipped = skipped + (SELECT count(*) FROM skipped),
+                status = 'cancelled', cancel_requested = true, finished_at = now(),
+                lease_owner = NULL, heartbeat_at = NULL
+            WHERE id = :job_id
             """
         ),
         {"job_id": job_id, "reason": CANCELLED_REASON},
     )
+    return JobStatus.CANCELLED
 
 
-def finish_job(session: Session, *, lease: Lease) -> SendJob:
+def finish_job(session: Session, *, lease: Lease, recovery: Recovery) -> SendJob:
     """End the run: settle leftovers, pick the final status, and release the lease.
 
     ``failed`` and ``paused`` (set while running) stay; a cancel request skips what is left and
-    ends ``cancelled``; otherwise ``completed``, or ``completed_with_errors`` when anything failed
-    or is unknown. Recipients still ``sending`` under this lease belong to a chunk that crashed
-    after claiming them: their outcome is unknowable, so they become ``unknown``."""
+    ends ``cancelled``; recipients still pending make the job ``pending`` again (see
+    ``end_dead_runs`` for stalled runs); otherwise ``completed``, or ``completed_with_errors`` when
+    anything failed or is unknown. Recipients still ``sending`` under this lease belong to a chunk
+    that crashed after claiming them: their outcome is unknowable, so they become ``unknown``."""
     job = heartbeat(session, lease=lease)
     release_orphans(session, job_id=lease.job_id)
+    fence, params = fence_sql(lease), lease_params(lease)
     if job.status == JobStatus.RUNNING and job.cancel_requested:
-        _skip_pending(session, lease.job_id)
-        status = JobStatus.CANCELLED
-    elif job.status == JobStatus.RUNNING:
-        pending = session.execute(
-            sa.text(
-                "SELECT count(*) FROM send_job_recipients WHERE job_id = :job_id AND status = 'pending'"
-            ),
-            {"job_id": lease.job_id},
-        ).scalar_one()
-        if pending:
-            status = JobStatus.PENDING
-        else:
-            job = session.get(SendJob, lease.job_id, populate_existing=True)
-            assert job is not None
+        _cancel_now(session, lease.job_id)
+    elif job.status == JobStatus.RUNNING and _pending_count(session, lease.job_id):
+        _end_run(session, fence, params, recovery, "the run ended with recipients pending")
+    else:
+        if job.status == JobStatus.RUNNING:
+            job = _read_job(session, lease.job_id)
             errors = job.failed + job.unknown
             status = JobStatus.COMPLETED_WITH_ERRORS if errors else JobStatus.COMPLETED
-    else:
-        status = JobStatus(job.status)
-    finished = status not in (JobStatus.PENDING, JobStatus.PAUSED)
-    session.execute(
+        else:
+            status = JobStatus(job.status)
+        session.execute(
+            sa.text(
+                "UPDATE send_jobs SET status = :status, lease_owner = NULL, heartbeat_at = NULL, "
+                f"finished_at = CASE WHEN :finished THEN now() END WHERE {fence}"
+            ),
+            params | {"status": status.value, "finished": status != JobStatus.PAUSED},
+        )
+    return _read_job(session, lease.job_id)
+
+
+_START_BLOCKERS = {
+    JobStatus.COMPLETED: "it has ended; `pagecast job retry` re-queues transient failures",
+    JobStatus.COMPLETED_WITH_ERRORS: "it has ended; `pagecast job retry` re-queues transient failures",
+    JobStatus.FAILED: "`pagecast job retry` re-queues it",
+    JobStatus.CANCELLED: "it was cancelled; create a new job to send again",
+    JobStatus.PAUSED: "`pagecast job resume` continues it",
+}
+
+
+def ensure_startable(session: Session, *, job_id: uuid.UUID, recovery: Recovery) -> SendJob:
+    """The job, when a run started now could claim it; otherwise ``JobStateConflict`` says why
+    (ended, paused, cancelled, another runner sending it, scheduled for later)."""
+    job = _read_job(session, job_id)
+    alive, early = session.execute(
         sa.text(
-            f"UPDATE send_jobs SET status = :status, lease_owner = NULL, heartbeat_at = NULL, "
-            f"finished_at = CASE WHEN :finished THEN now() END WHERE {fence_sql(lease)}"
+            "SELECT heartbeat_at >= now() - make_interval(secs => :lease_seconds), "
+            "scheduled_at > now() FROM send_jobs WHERE id = :job_id"
         ),
-        lease_params(lease) | {"status": status.value, "finished": finished},
-    )
-    job = session.get(SendJob, lease.job_id, populate_existing=True)
-    assert job is not None
-    return job
-
-
-def _job(session: Session, job_id: uuid.UUID) -> SendJob:
-    job = session.get(SendJob, job_id, populate_existing=True, with_for_update=True)
-    if job is None:
-        raise JobNotFound(job_id)
+        {"job_id": job_id, "lease_seconds": recovery.lease_seconds},
+    ).one()
+    blocker = _START_BLOCKERS.get(JobStatus(job.status))
+    if blocker is not None:
+        detail = f" (last error: {job.last_error})" if job.last_error else ""
+        raise JobStateConflict(job_id, job.status, blocker + detail)
+    if job.cancel_requested:
+        raise JobStateConflict(job_id, job.status, "a cancel was requested")
+    if job.status == JobStatus.RUNNING and alive:
+        raise JobStateConflict(
+            job_id,
+            job.status,
+            f"runner {job.lease_owner} is sending it; watch `pagecast job status`",
+        )
+    if early:
+        raise JobStateConflict(
+            job_id, job.status, f"it is scheduled for {job.scheduled_at}; the sweep starts it then"
+        )
     return job
 
 
 def cancel_job(session: Session, *, job_id: uuid.UUID) -> SendJob:
     """Cancel a job: at once when no runner holds it, else by a flag its runner checks per chunk."""
-    job = _job(session, job_id)
+    job = _read_job(session, job_id, for_update=True)
     if job.status in (JobStatus.PENDING, JobStatus.PAUSED):
-        _skip_pending(session, job_id)
-        session.execute(
-            sa.text(
-                "UPDATE send_jobs SET status = 'cancelled', cancel_requested = true, "
-                "finished_at = now() WHERE id = :job_id"
-            ),
-            {"job_id": job_id},
-        )
+        _cancel_now(session, job_id)
     elif job.status == JobStatus.RUNNING:
         session.execute(
             sa.text("UPDATE send_jobs SET cancel_requested = true WHERE id = :job_id"),
             {"job_id": job_id},
         )
     else:
-        raise InvalidInput(f"job_id: job {job_id} is already {job.status}")
-    return _job(session, job_id)
+        raise JobStateConflict(job_id, job.status, "it has ended and cannot be cancelled")
+    return _read_job(session, job_id)
 
 
 def cancel_run(session: Session, *, job_id: uuid.UUID, owner: str) -> SendJob:
@@ -240,27 +380,34 @@ def cancel_run(session: Session, *, job_id: uuid.UUID, owner: str) -> SendJob:
     become ``unknown`` and the rest ``skipped``."""
     job = cancel_job(session, job_id=job_id)
     if job.status == JobStatus.RUNNING and job.lease_owner == owner:
-        return finish_job(session, lease=Lease(job_id=job_id, owner=owner, attempt=job.attempt))
+        lease = Lease(job_id=job_id, owner=owner, attempt=job.attempt)
+        return finish_job(session, lease=lease, recovery=Recovery())
     return job
 
 
 def pause_job(session: Session, *, job_id: uuid.UUID, reason: str = "paused by request") -> SendJob:
     """Pause a pending or running job; its runner stops after the chunks in flight."""
-    job = _job(session, job_id)
+    job = _read_job(session, job_id, for_update=True)
     if job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
-        raise InvalidInput(f"job_id: job {job_id} is {job.status} and cannot be paused")
+        raise JobStateConflict(job_id, job.status, "only pending or running jobs can be paused")
     job.status, job.last_error = JobStatus.PAUSED, reason
     session.add(job)
     session.flush()
     return job
 
 
+def _restartable(job: SendJob) -> None:
+    """A job made pending by hand starts afresh: no stalled runs, no backoff."""
+    job.stalled_runs, job.next_attempt_at, job.waiting_for = 0, None, None
+
+
 def resume_job(session: Session, *, job_id: uuid.UUID) -> SendJob:
     """Make a paused job pending again, to be picked up where it stopped."""
-    job = _job(session, job_id)
+    job = _read_job(session, job_id, for_update=True)
     if job.status != JobStatus.PAUSED:
-        raise InvalidInput(f"job_id: job {job_id} is {job.status}, not paused")
+        raise JobStateConflict(job_id, job.status, "only a paused job can be resumed")
     job.status, job.last_error = JobStatus.PENDING, None
+    _restartable(job)
     session.add(job)
     session.flush()
     return job
@@ -277,12 +424,11 @@ class Requeued:
 def requeue_job(session: Session, *, job_id: uuid.UUID, include_unknown: bool = False) -> Requeued:
     """Put an ended or paused job back to ``pending``: recipients that failed transiently (and
     ``unknown`` ones with ``include_unknown``, at the risk of a duplicate) are sent again, as are
-    those a job-fatal error left pending."""
-    job = _job(session, job_id)
+    those a job-fatal error left pending. Ranges of a sharded job are reopened where they hold
+    pending recipients again."""
+    job = _read_job(session, job_id, for_update=True)
     if job.status in (JobStatus.RUNNING, JobStatus.PENDING, JobStatus.CANCELLED):
-        raise InvalidInput(
-            f"job_id: job {job_id} is {job.status}; only ended or paused jobs can be retried"
-        )
+        raise JobStateConflict(job_id, job.status, "only ended or paused jobs can be retried")
     failed, unknown = session.execute(
         sa.text(
             """
@@ -303,24 +449,36 @@ def requeue_job(session: Session, *, job_id: uuid.UUID, include_unknown: bool = 
         ),
         {"job_id": job_id, "include_unknown": include_unknown},
     ).one()
-    pending = session.execute(
-        sa.text(
-            "SELECT count(*) FROM send_job_recipients WHERE job_id = :job_id AND status = 'pending'"
-        ),
-        {"job_id": job_id},
-    ).scalar_one()
-    if pending == 0:
+    if _pending_count(session, job_id) == 0:
         hint = (
             ""
             if include_unknown or not job.unknown
             else " (pass --include-unknown to resend unknowns)"
         )
-        raise InvalidInput(f"job_id: job {job_id} has nothing to retry{hint}")
+        raise JobStateConflict(job_id, job.status, f"it has nothing to retry{hint}")
+    reopen_ranges(session, job_id=job_id)
     session.execute(
         sa.text(
             "UPDATE send_jobs SET status = 'pending', failed = failed - :failed, "
-            "unknown = unknown - :unknown, finished_at = NULL, last_error = NULL WHERE id = :job_id"
+            "unknown = unknown - :unknown, finished_at = NULL, last_error = NULL, "
+            "stalled_runs = 0, next_attempt_at = NULL, waiting_for = NULL WHERE id = :job_id"
         ),
         {"job_id": job_id, "failed": failed, "unknown": unknown},
     )
     return Requeued(failed=failed, unknown=unknown)
+
+
+def reopen_ranges(session: Session, *, job_id: uuid.UUID) -> int:
+    """Make ``done`` ranges of a sharded job ``pending`` again where they hold pending recipients
+    (after a retry re-queued some), so that the job's next run sends them."""
+    return session.execute(
+        sa.text(
+            """
+            UPDATE send_job_shards s SET status = 'pending'
+            WHERE s.job_id = :job_id AND s.status = 'done' AND EXISTS (
+                SELECT 1 FROM send_job_recipients r WHERE r.job_id = s.job_id
+                  AND r.status = 'pending' AND r.psid > s.psid_after AND r.psid <= s.psid_last)
+            """
+        ),
+        {"job_id": job_id},
+    ).rowcount

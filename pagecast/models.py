@@ -150,6 +150,12 @@ class SendJob(SQLModel, table=True):
     )
     idempotency_key: str | None = Field(default=None, sa_column=sa.Column(sa.Text, unique=True))
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    progress_at_claim: int = _counter()
+    stalled_runs: int = _counter()
+    next_attempt_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    waiting_for: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
 
 
 class SendJobRecipient(SQLModel, table=True):

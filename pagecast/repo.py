@@ -218,6 +218,14 @@ def job_progress(session: Session, *, job_id: uuid.UUID) -> JobProgress:
     return JobProgress(job=job, by_status={status: count for status, count in rows})
 
 
+def set_waiting_for(session: Session, *, job_id: uuid.UUID, waiting_for: str | None) -> None:
+    """Record what the job waits for that its row cannot tell (a worker, a token); the next
+    claim clears it."""
+    session.execute(
+        sa.update(SendJob).where(col(SendJob.id) == job_id).values(waiting_for=waiting_for)
+    )
+
+
 def list_jobs(
     session: Session, *, status: str | None = None, page_id: str | None = None, limit: int = 20
 ) -> Sequence[SendJob]:

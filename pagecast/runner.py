@@ -9,17 +9,17 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast import lifecycle, shards
+from pagecast import lifecycle, repo, shards
 from pagecast.chunks import ChunkBounds, next_chunk_bounds, send_chunk
 from pagecast.errors import LeaseLost
 from pagecast.graph import client_factory
-from pagecast.lifecycle import Lease
+from pagecast.lifecycle import Lease, Recovery
 from pagecast.models import JobStatus, SendJob
 from pagecast.outcomes import ChunkResult
 from pagecast.settings import Settings
@@ -73,6 +73,7 @@ class JobRun:
         self.job_id = job_id
         self.owner = owner
         self.shard = shard
+        self.recovery = Recovery.from_settings(settings)
         self.lease: Lease | None = None
         self.totals = ChunkResult()
         self._after = ""
@@ -86,10 +87,7 @@ class JobRun:
         with Session(self.engine) as session, session.begin():
             if self.shard is None:
                 self.lease = lifecycle.claim_job(
-                    session,
-                    job_id=self.job_id,
-                    owner=self.owner,
-                    lease_seconds=self.settings.lease_seconds,
+                    session, job_id=self.job_id, owner=self.owner, recovery=self.recovery
                 )
             else:
                 self._shard_lease = shards.claim_shard(
@@ -104,11 +102,16 @@ class JobRun:
                     self._after = self._shard_lease.after
         return self.lease
 
+    def _held(self) -> Lease:
+        if self.lease is None:
+            raise LeaseLost(self.job_id)
+        return self.lease
+
     def job_state(self) -> SendJob:
         """Renew the lease and read the job (cancel and pause requests, counters)."""
-        assert self.lease is not None
+        lease = self._held()
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            return lifecycle.heartbeat(session, lease=self.lease)
+            return lifecycle.heartbeat(session, lease=lease)
 
     def next_chunks(self, count: int) -> list[ChunkBounds]:
         """Bounds of up to ``count`` next chunks, or ``[]`` when the run is done or must stop.
@@ -155,14 +158,33 @@ class JobRun:
 
     def finish(self) -> SendJob:
         """Settle the job's final status (a range: release it, done or pending) and the lease."""
-        assert self.lease is not None
+        lease = self._held()
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             if self._shard_lease is None:
-                return lifecycle.finish_job(session, lease=self.lease)
+                return lifecycle.finish_job(session, lease=lease, recovery=self.recovery)
             shards.finish_shard(session, shard=self._shard_lease)
-            job = session.get(SendJob, self.job_id, populate_existing=True)
-            assert job is not None
-            return job
+            return repo.get_job(session, job_id=self.job_id)
+
+    def fail(self, error: BaseException) -> None:
+        """Stop the job ``failed`` with ``last_error`` naming ``error``; chunks in flight stop and
+        record what they sent. Recipients not yet sent stay pending for ``job retry``."""
+        reason = f"the run crashed: {type(error).__name__}: {error}"
+        with Session(self.engine) as session, session.begin():
+            lifecycle.stop_running_job(
+                session, lease=self._held(), status=JobStatus.FAILED, reason=reason
+            )
+
+    @contextmanager
+    def failing_on_error(self) -> Iterator[None]:
+        """An exception the run does not expect ends the job ``failed`` (see ``fail``) and its run
+        (``finish``) before it propagates: a crashed run never leaves its job ``running``."""
+        try:
+            yield
+        except Exception as error:
+            with suppress(LeaseLost):
+                self.fail(error)
+                self.finish()
+            raise
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -219,11 +241,18 @@ async def run_in_process(
             )
         )
 
-    with run.heartbeat():
+    with run.heartbeat(), run.failing_on_error():
         in_flight = {start(b) for b in await asyncio.to_thread(run.next_chunks, parallel)}
         while in_flight:
             done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.to_thread(run.absorb, [task.result() for task in done])
+            try:
+                results = [task.result() for task in done]
+            except Exception as error:
+                await asyncio.to_thread(run.fail, error)
+                if in_flight:
+                    await asyncio.wait(in_flight)
+                raise
+            await asyncio.to_thread(run.absorb, results)
             more = await asyncio.to_thread(run.next_chunks, parallel - len(in_flight))
             in_flight |= {start(b) for b in more}
     return await asyncio.to_thread(run.finish)

@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     graph_api_url: str = "https://graph.facebook.com"
     graph_api_version: str = "v25.0"
     lease_seconds: int = Field(default=120, ge=5)
+    max_stalled_runs: int = Field(
+        default=5, ge=1, description="Runs in a row without progress before a job is given up."
+    )
+    stall_backoff_seconds: float = Field(
+        default=30.0, ge=0, description="Wait before restarting a job after a run without progress."
+    )
     default_concurrency: int = Field(default=50, ge=1, le=1000)
     default_rate_per_second: float = Field(default=20.0, gt=0, le=300)
     chunk_size: int = Field(default=200, ge=1, le=10_000)

@@ -1,10 +1,11 @@
-"""What a sweep must start: due pending jobs, and running jobs whose runner stopped heartbeating.
+"""What a sweep does: end the runs whose runner died, and list the jobs to start now.
 
-A sweep starts one ``send-job`` run per such job with an idempotency key derived from the job, its
-attempt and the current launch period (the lease, at least a minute, so a worker has time to
-start the run): two sweeps in the same period start one run, and a run that died before claiming
-its job is replaced in the next period. Two runs of one job can never both send (the claim admits
-one), so the key only saves wasted runs."""
+A sweep first ends dead runs (``lifecycle.end_dead_runs``: in-flight recipients settled, the job
+pending again, or failed after too many runs without progress), then lists pending jobs that are
+due and past their backoff. Each is started once per launch period: a ``send-job`` run gets an
+idempotency key derived from the job, its attempt and the period (the lease, at least a minute, so
+a worker has time to start the run), and a run in this process must win the claim, which admits
+one runner. Two sweeps at once therefore start each job once."""
 
 import time
 import uuid
@@ -13,16 +14,17 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast.lifecycle import release_orphans
+from pagecast.lifecycle import Recovery, end_dead_runs
+from pagecast.models import JobStatus
 
 MIN_LAUNCH_PERIOD_SECONDS = 60
+DEAD_RUNNER = "runner stopped heartbeating"
 
-_CANDIDATES = sa.text(
+_DUE = sa.text(
     """
-    SELECT id, attempt, status FROM send_jobs
-    WHERE NOT cancel_requested
-      AND ((status = 'pending' AND scheduled_at <= now())
-           OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => :lease_seconds)))
+    SELECT id, attempt FROM send_jobs
+    WHERE status = 'pending' AND NOT cancel_requested AND scheduled_at <= now()
+      AND (next_attempt_at IS NULL OR next_attempt_at <= now())
     ORDER BY scheduled_at, created_at
     LIMIT :limit
     """
@@ -31,16 +33,23 @@ _CANDIDATES = sa.text(
 
 @dataclass(frozen=True)
 class SweepItem:
-    """A job to start: why, and how many in-flight recipients of a dead runner were settled."""
+    """One job the sweep acted on: whether to start it now, and why."""
 
     job_id: uuid.UUID
     attempt: int
     reason: str
+    start: bool = True
     orphans_settled: int = 0
 
     def run_key(self, lease_seconds: int, now: float | None = None) -> str:
         """The idempotency key of the ``send-job`` run that this sweep item starts."""
         return launch_key(f"pagecast-send-job-{self.job_id}-{self.attempt}", lease_seconds, now)
+
+    def describe(self) -> str:
+        settled = (
+            f", {self.orphans_settled} in-flight recipients settled" if self.orphans_settled else ""
+        )
+        return f"job {self.job_id} ({self.reason}{settled})"
 
 
 def launch_key(prefix: str, lease_seconds: int, now: float | None = None) -> str:
@@ -50,15 +59,22 @@ def launch_key(prefix: str, lease_seconds: int, now: float | None = None) -> str
     return f"{prefix}-{int((time.time() if now is None else now) // period_seconds)}"
 
 
-def jobs_to_start(session: Session, *, lease_seconds: int, limit: int = 100) -> list[SweepItem]:
-    """Due pending jobs and stale running ones; a stale job's ``sending`` rows are settled now
-    (``unknown``, or ``pending`` with ``resend_unknown``)."""
-    rows = session.execute(_CANDIDATES, {"lease_seconds": lease_seconds, "limit": limit}).all()
+def sweep_jobs(session: Session, *, recovery: Recovery, limit: int = 100) -> list[SweepItem]:
+    """End dead runs and list the jobs to start now, with one item for every dead run that is not
+    restarted now (given up, cancelled, or backing off after a run without progress)."""
+    ended = {dead.job_id: dead for dead in end_dead_runs(session, recovery=recovery, limit=limit)}
     items = []
-    for job_id, attempt, status in rows:
-        if status == "running":
-            settled = release_orphans(session, job_id=job_id)
-            items.append(SweepItem(job_id, attempt, "runner stopped heartbeating", settled))
+    for job_id, attempt in session.execute(_DUE, {"limit": limit}).all():
+        dead = ended.pop(job_id, None)
+        reason = DEAD_RUNNER if dead else "due"
+        items.append(SweepItem(job_id, attempt, reason, True, dead.orphans_settled if dead else 0))
+    for dead in ended.values():
+        if dead.status == JobStatus.PENDING:
+            outcome = "ended without progress; next attempt after a backoff"
+        elif dead.status == JobStatus.FAILED:
+            outcome = "given up after too many runs without progress"
         else:
-            items.append(SweepItem(job_id, attempt, "due"))
+            outcome = str(dead.status)
+        reason = f"{DEAD_RUNNER}; {outcome}"
+        items.append(SweepItem(dead.job_id, 0, reason, False, dead.orphans_settled))
     return items

@@ -1,4 +1,5 @@
-"""Starting pagecast deployments over Prefect's REST API, without waiting for them.
+"""Starting pagecast deployments over Prefect's REST API, without waiting for them, and asking
+whether a worker would pick them up.
 
 This is what an application backend calls instead of a fire-and-forget promise: the flow run is
 recorded by Prefect before the call returns, and the same idempotency key always returns the same
@@ -14,6 +15,7 @@ import httpx
 from pagecast.errors import ConfigurationError
 
 TRIGGER_TIMEOUT = 30.0
+HEALTH_TIMEOUT = 3.0
 BUSY_RETRIES = 5
 BUSY_RETRY_SECONDS = 1.0
 
@@ -29,6 +31,48 @@ def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> htt
     return client.request(method, path, **kwargs)
 
 
+def _client(api_url: str, api_key: str | None, timeout: float = TRIGGER_TIMEOUT) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=api_url.rstrip("/"), headers=headers, timeout=timeout)
+
+
+def reachable(api_url: str, *, api_key: str | None = None) -> bool:
+    """Whether the Prefect API answers its health check."""
+    try:
+        with _client(api_url, api_key, HEALTH_TIMEOUT) as client:
+            return client.get("/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A deployment on the server, its work pool, and how many of the pool's workers are online
+    (heartbeating): with none, a run of it waits in ``SCHEDULED`` until one starts."""
+
+    id: str
+    work_pool: str
+    workers_online: int
+
+
+def find_deployment(
+    api_url: str, *, flow_name: str, deployment_name: str, api_key: str | None = None
+) -> Deployment | None:
+    """The deployment ``flow_name/deployment_name``, or ``None`` when the server has none."""
+    with _client(api_url, api_key) as client:
+        found = _request(client, "GET", f"/deployments/name/{flow_name}/{deployment_name}")
+        if found.status_code == 404:
+            return None
+        found.raise_for_status()
+        pool = found.json()["work_pool_name"]
+        workers = _request(client, "POST", f"/work_pools/{pool}/workers/filter", json={})
+        online = 0
+        if workers.status_code != 404:
+            workers.raise_for_status()
+            online = sum(1 for worker in workers.json() if worker.get("status") == "ONLINE")
+    return Deployment(id=found.json()["id"], work_pool=pool, workers_online=online)
+
+
 @dataclass(frozen=True)
 class SubmittedRun:
     """A flow run Prefect has accepted: its id and where to watch it."""
@@ -36,6 +80,7 @@ class SubmittedRun:
     flow_run_id: uuid.UUID
     name: str
     ui_url: str | None
+    deployment: Deployment
 
 
 def submit(
@@ -48,21 +93,19 @@ def submit(
     api_key: str | None = None,
 ) -> SubmittedRun:
     """Create a flow run of ``flow_name/deployment_name`` and return at once."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(
-        base_url=api_url.rstrip("/"), headers=headers, timeout=TRIGGER_TIMEOUT
-    ) as client:
-        found = client.get(f"/deployments/name/{flow_name}/{deployment_name}")
-        if found.status_code == 404:
-            raise ConfigurationError(
-                f"no deployment {flow_name}/{deployment_name} on {api_url}: run `make deploy`"
-            )
-        found.raise_for_status()
-        body: dict[str, Any] = {"parameters": parameters}
-        if idempotency_key:
-            body["idempotency_key"] = idempotency_key
+    deployment = find_deployment(
+        api_url, flow_name=flow_name, deployment_name=deployment_name, api_key=api_key
+    )
+    if deployment is None:
+        raise ConfigurationError(
+            f"no deployment {flow_name}/{deployment_name} on {api_url}: run `make deploy`"
+        )
+    body: dict[str, Any] = {"parameters": parameters}
+    if idempotency_key:
+        body["idempotency_key"] = idempotency_key
+    with _client(api_url, api_key) as client:
         created = _request(
-            client, "POST", f"/deployments/{found.json()['id']}/create_flow_run", json=body
+            client, "POST", f"/deployments/{deployment.id}/create_flow_run", json=body
         )
         created.raise_for_status()
         run = created.json()
@@ -71,4 +114,5 @@ def submit(
         flow_run_id=uuid.UUID(run["id"]),
         name=run["name"],
         ui_url=f"{ui_root}/runs/flow-run/{run['id']}",
+        deployment=deployment,
     )

@@ -32,20 +32,41 @@ def validate_page_id(page_id: str) -> str:
     return page_id
 
 
+_SAMPLE_NAMES = (("Ana", "Lima"), ("{x}", "%s"), ("", ""), ("Zoë", None), (None, None))
+
+
 def _check_placeholders(text: str) -> None:
+    """Only plain ``{first_name}``, ``{last_name}`` and ``{full_name}``; the template must render
+    for any name, so a format spec or conversion (``{first_name:d}``, ``{first_name!r}``) is refused."""
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        fields = list(string.Formatter().parse(text))
     except ValueError as exc:
         raise InvalidField(
             "text", f"has an unbalanced brace ({exc}); write {{{{ and }}}} for literal braces"
         ) from None
-    unknown = sorted({name for name in fields if name not in PLACEHOLDERS})
+    names = [name for _, name, _, _ in fields if name is not None]
+    unknown = sorted({name for name in names if name not in PLACEHOLDERS})
     if unknown:
         allowed = ", ".join("{" + name + "}" for name in PLACEHOLDERS)
         raise InvalidField(
             "text",
             f"unknown placeholder {', '.join('{' + n + '}' for n in unknown)}; allowed: {allowed}",
         )
+    for _, name, spec, conversion in fields:
+        if spec or conversion:
+            written = (
+                "{"
+                + f"{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}"
+                + "}"
+            )
+            raise InvalidField(
+                "text", f"placeholder {written} has a format; write {{{name}}} without ! or :"
+            )
+    for first, last in _SAMPLE_NAMES:
+        try:
+            render_text(text, first_name=first, last_name=last)
+        except (ValueError, KeyError, IndexError, AttributeError) as exc:
+            raise InvalidField("text", f"cannot be rendered: {exc}") from None
 
 
 def validate_message(text: str | None, messaging_type: str, tag: str | None) -> Message:

@@ -66,6 +66,8 @@ def test_one_hundred_thousand_recipients(pagecast_env, tmp_path):
         (["--text", "hi", "--messaging-type", "MESSAGE_TAG", "--tag", "SALE"], "tag: 'SALE'"),
         (["--text", "hi", "--tag", "HUMAN_AGENT"], "tag: is only allowed"),
         (["--text", "Hi {nickname}"], "unknown placeholder {nickname}"),
+        (["--text", "Hi {first_name:d}"], "placeholder {first_name:d} has a format"),
+        (["--text", "Hi {first_name!r}"], "placeholder {first_name!r} has a format"),
         (["--text", "hi", "--rate", "50"], "rate: must be above 0 and at most 40"),
         (["--text", "hi", "--concurrency", "0"], "concurrency: must be between 1 and 1000"),
     ],
@@ -148,7 +150,10 @@ def test_contacts_import_and_tag_filter(pagecast_env, tmp_path):
 
 def test_status_of_unknown_or_malformed_job(pagecast_env):
     unknown = _run("job", "status", "00000000-0000-0000-0000-000000000000")
-    assert unknown.exit_code == 1 and "no job with id" in unknown.stderr
+    assert (
+        unknown.exit_code == 1
+        and "error: no job 00000000-0000-0000-0000-000000000000" in unknown.stderr
+    )
     malformed = _run("job", "status", "nope")
     assert malformed.exit_code == 2 and "job_id: 'nope' is not a UUID" in malformed.stderr
 

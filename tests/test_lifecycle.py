@@ -8,7 +8,8 @@ from sqlmodel import Session
 
 from pagecast import db, lifecycle
 from pagecast.chunks import ChunkBounds, send_chunk
-from pagecast.errors import InvalidInput, LeaseLost
+from pagecast.errors import JobStateConflict, LeaseLost
+from pagecast.lifecycle import Recovery
 from pagecast.models import RecipientStatus
 from pagecast.outcomes import Outcome, record_outcomes
 from tests.engine import create_job, job_row, recipient_counts
@@ -16,7 +17,9 @@ from tests.engine import create_job, job_row, recipient_counts
 
 def _claim(engine, job_id, owner, lease_seconds=120):
     with db.session_scope(engine) as session:
-        return lifecycle.claim_job(session, job_id=job_id, owner=owner, lease_seconds=lease_seconds)
+        return lifecycle.claim_job(
+            session, job_id=job_id, owner=owner, recovery=Recovery(lease_seconds=lease_seconds)
+        )
 
 
 def _expire_heartbeat(engine, job_id):
@@ -85,7 +88,10 @@ def test_cancel_pause_resume_rules(engine):
     job = create_job(engine, 4)
     with db.session_scope(engine) as session:
         lifecycle.pause_job(session, job_id=job.id)
-    with db.session_scope(engine) as session, pytest.raises(InvalidInput, match="not paused"):
+    with (
+        db.session_scope(engine) as session,
+        pytest.raises(JobStateConflict, match="only a paused job"),
+    ):
         lifecycle.resume_job(session, job_id=create_job(engine, 1, text="other").id)
     with db.session_scope(engine) as session:
         lifecycle.resume_job(session, job_id=job.id)
@@ -94,10 +100,10 @@ def test_cancel_pause_resume_rules(engine):
     assert (cancelled.skipped, cancelled.total) == (4, 4)
     with (
         db.session_scope(engine) as session,
-        pytest.raises(InvalidInput, match="already cancelled"),
+        pytest.raises(JobStateConflict, match="is cancelled: it has ended"),
     ):
         lifecycle.cancel_job(session, job_id=job.id)
-    with db.session_scope(engine) as session, pytest.raises(InvalidInput):
+    with db.session_scope(engine) as session, pytest.raises(JobStateConflict):
         lifecycle.requeue_job(session, job_id=job.id)
 
 
@@ -119,9 +125,12 @@ def test_retry_with_nothing_to_retry_is_refused(engine):
             {"id": job.id},
         )
     with db.session_scope(engine) as session:
-        finished = lifecycle.finish_job(session, lease=lease)
+        finished = lifecycle.finish_job(session, lease=lease, recovery=Recovery())
     assert finished.status == "completed"
-    with db.session_scope(engine) as session, pytest.raises(InvalidInput, match="nothing to retry"):
+    with (
+        db.session_scope(engine) as session,
+        pytest.raises(JobStateConflict, match="nothing to retry"),
+    ):
         lifecycle.requeue_job(session, job_id=job.id)
     assert job_row(engine, job.id).status == "completed"
 

@@ -6,9 +6,12 @@ import json
 import sqlalchemy as sa
 
 from pagecast import db, lifecycle, shards
+from pagecast.lifecycle import Recovery
 from pagecast.runner import JobRun, run_in_process
 from pagecast.sandbox import SandboxConfig, running_sandbox
 from tests.engine import assert_counters_match_rows, create_job, make_settings, recipient_counts
+
+RECOVERY = Recovery(lease_seconds=60)
 
 
 def _ranges(engine, job_id):
@@ -43,7 +46,7 @@ def test_ranges_cover_every_pending_recipient_once(engine):
 def test_a_range_has_one_runner_until_its_lease_expires(engine):
     job = create_job(engine, 250)
     with db.session_scope(engine) as session:
-        lifecycle.claim_job(session, job_id=job.id, owner="parent", lease_seconds=60)
+        lifecycle.claim_job(session, job_id=job.id, owner="parent", recovery=RECOVERY)
     _split(engine, job.id)
     with db.session_scope(engine) as session:
         first = shards.claim_shard(session, job_id=job.id, shard=1, owner="a", lease_seconds=60)
@@ -65,7 +68,7 @@ def test_a_range_has_one_runner_until_its_lease_expires(engine):
 def test_a_new_job_runner_leaves_running_ranges_alone(engine):
     job = create_job(engine, 250)
     with db.session_scope(engine) as session:
-        lifecycle.claim_job(session, job_id=job.id, owner="parent", lease_seconds=60)
+        lifecycle.claim_job(session, job_id=job.id, owner="parent", recovery=RECOVERY)
     _split(engine, job.id)
     with db.session_scope(engine) as session:
         shard = shards.claim_shard(session, job_id=job.id, shard=0, owner="child", lease_seconds=60)
@@ -81,7 +84,7 @@ def test_a_new_job_runner_leaves_running_ranges_alone(engine):
             {"id": job.id},
         )
     with db.session_scope(engine) as session:
-        assert lifecycle.claim_job(session, job_id=job.id, owner="parent-2", lease_seconds=60)
+        assert lifecycle.claim_job(session, job_id=job.id, owner="parent-2", recovery=RECOVERY)
     assert recipient_counts(engine, job.id)["sending"] == 100
 
 

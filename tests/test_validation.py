@@ -85,6 +85,15 @@ def test_unbalanced_brace_is_rejected():
     assert "brace" in str(error)
 
 
+@pytest.mark.parametrize(
+    "text", ["Hi {first_name:d}", "Hi {first_name!r}", "Hi {full_name:>30}", "{last_name!s:x}"]
+)
+def test_a_placeholder_with_a_format_is_rejected(text):
+    error = _field_error(validate_message, text, "UPDATE", None)
+    assert error.field == "text"
+    assert "has a format" in str(error)
+
+
 def test_rate_above_40_needs_high_volume():
     error = _field_error(validate_rate, 41)
     assert error.field == "rate"

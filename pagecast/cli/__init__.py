@@ -8,6 +8,7 @@ import typer
 
 from pagecast.cli.admin import contacts_app, db_app, demo, sandbox_app
 from pagecast.cli.jobs import job_app
+from pagecast.cli.sweep import sweep
 
 app = typer.Typer(help="Durable, rate-limited Messenger broadcasts.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -15,3 +16,4 @@ app.add_typer(contacts_app, name="contacts")
 app.add_typer(job_app, name="job")
 app.add_typer(sandbox_app, name="sandbox")
 app.command("demo")(demo)
+app.command("sweep")(sweep)

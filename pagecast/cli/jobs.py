@@ -21,6 +21,7 @@ from pagecast.cli.common import (
 )
 from pagecast.errors import ConfigurationError, InvalidInput
 from pagecast.models import JobStatus, MessagingType, SendJob
+from pagecast.reports import waiting_for
 from pagecast.settings import Settings
 from pagecast.validation import (
     validate_concurrency,
@@ -140,13 +141,19 @@ def job_status(
     job_id: Annotated[str, typer.Argument(help="The job's id.")], as_json: JsonOption = False
 ) -> None:
     """A job's status, counters, pending recipients and error summary."""
-    with db.session_scope(db.ready_engine(load_settings())) as session:
+    settings = load_settings()
+    with db.session_scope(db.ready_engine(settings)) as session:
         progress = repo.job_progress(session, job_id=_parse_job_id(job_id))
+        waiting = waiting_for(session, progress.job, lease_seconds=settings.lease_seconds)
     job = progress.job
     if as_json:
         print_json(
             _job_dict(job)
-            | {"pending": progress.pending, "recipients_by_status": progress.by_status}
+            | {
+                "pending": progress.pending,
+                "recipients_by_status": progress.by_status,
+                "waiting_for": waiting,
+            }
         )
         return
     table = Table(title=f"job {job.id}", show_header=False)
@@ -163,6 +170,7 @@ def job_status(
         ("pending", progress.pending),
         ("rate / concurrency", f"{job.rate_per_second:g}/s, {job.concurrency}"),
         ("created", job.created_at),
+        ("waiting for", waiting or ""),
         ("last error", job.last_error or ""),
     ):
         table.add_row(name, str(value))
@@ -200,12 +208,17 @@ def job_list(
 
 
 def run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
-    """Run the job's flow with a progress bar and print the summary; exit 1 unless it completed."""
+    """Run the job's flow with a progress bar and print the summary; exit 1 unless it completed.
+    A job that no run could claim now (unknown, ended, paused, being sent) starts nothing."""
     engine = db.ready_engine(settings)
+    with db.session_scope(engine) as session:
+        lifecycle.ensure_startable(
+            session, job_id=job_id, recovery=lifecycle.Recovery.from_settings(settings)
+        )
     log_path = settings.home / "logs" / f"send-job-{job_id}.log"
     process = launch.start_flow(settings, job_id, log_path=log_path)
     try:
-        job = launch.watch(engine, job_id, process, stderr)
+        job = launch.watch(engine, job_id, process, stderr, lease_seconds=settings.lease_seconds)
     except KeyboardInterrupt:
         process.terminate()
         raise
@@ -225,21 +238,32 @@ def job_submit(
     ] = None,
 ) -> None:
     """Start the job on the Prefect server (the send-job deployment) and print the flow run id."""
-    job = _parse_job_id(job_id)
+    job_uuid = _parse_job_id(job_id)
     settings = load_settings()
-    api = api_url or launch.stack_api_url(settings.home.expanduser().resolve())
+    api = api_url or launch.prefect_api_url(settings)
     if not api:
         raise ConfigurationError("no Prefect server: set PREFECT_API_URL or run `make up`")
-    with db.session_scope(db.ready_engine(settings)) as session:
-        attempt = repo.get_job(session, job_id=job).attempt
+    engine = db.ready_engine(settings)
+    with db.session_scope(engine) as session:
+        recovery = lifecycle.Recovery.from_settings(settings)
+        attempt = lifecycle.ensure_startable(session, job_id=job_uuid, recovery=recovery).attempt
     run = trigger.submit(
         api,
         flow_name="send-job",
         deployment_name="send-job",
-        parameters={"job_id": str(job)},
-        idempotency_key=f"pagecast-submit-{job}-{attempt}",
+        parameters={"job_id": str(job_uuid)},
+        idempotency_key=f"pagecast-submit-{job_uuid}-{attempt}",
     )
     stderr.print(f"send-job run {run.name}: {run.ui_url}")
+    if not run.deployment.workers_online:
+        waiting = (
+            f"a worker on work pool {run.deployment.work_pool!r} to start send-job run "
+            f"{run.name} (none is online: `make up`, or `prefect worker start --pool "
+            f"{run.deployment.work_pool}`)"
+        )
+        with db.session_scope(engine) as session:
+            repo.set_waiting_for(session, job_id=job_uuid, waiting_for=waiting)
+        stderr.print(f"[yellow]the job waits for {waiting}[/]")
     sys.stdout.write(f"{run.flow_run_id}\n")
 
 
