@@ -19,6 +19,7 @@ from pagecast.errors import (
     AmbiguousDelivery,
     GraphError,
     JobFatalGraphError,
+    JobNotFound,
     RecipientGraphError,
     ThrottledError,
     TransientGraphError,
@@ -248,7 +249,8 @@ def _claim(
     session: Session, *, lease: Lease, bounds: ChunkBounds
 ) -> tuple[SendJob, list[_Claimed]]:
     job = session.get(SendJob, lease.job_id, populate_existing=True)
-    assert job is not None
+    if job is None:
+        raise JobNotFound(lease.job_id)
     rows = session.execute(
         _claim_rows_sql(lease), lease_params(lease) | {"after": bounds.after, "last": bounds.last}
     ).all()

@@ -168,7 +168,8 @@ def create_job(session: Session, *, request: JobRequest) -> CreatedJob:
     job_id = _insert_job(session, request)
     if job_id is None:  # a concurrent request with the same key won the insert
         existing = _existing(session, request)
-        assert existing is not None
+        if existing is None:
+            raise JobNotFound(f"with idempotency key {request.idempotency_key}")
         return existing
     duplicates = opted_out = 0
     if isinstance(request.audience, TagFilter):
@@ -192,8 +193,7 @@ def create_job(session: Session, *, request: JobRequest) -> CreatedJob:
         .where(col(SendJob.id) == job_id)
         .values(total=total, duplicates_removed=duplicates)
     )
-    job = session.get(SendJob, job_id, populate_existing=True)
-    assert job is not None
+    job = get_job(session, job_id=job_id)
     return CreatedJob(
         job=job, created=True, duplicates_removed=duplicates, opted_out_excluded=opted_out
     )

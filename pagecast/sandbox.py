@@ -262,8 +262,8 @@ class Sandbox:
         message_id = f"m_{uuid.uuid4().hex}"
         self._deliver(window, now, page_id, psid, body["message"]["text"], message_id, token)
         if self.config.ambiguous_rate and self._rng.random() < self.config.ambiguous_rate:
-            assert request.transport is not None
-            request.transport.abort()
+            if request.transport is not None:
+                request.transport.abort()
             return None
         headers = {}
         if self.config.usage_percent is not None:

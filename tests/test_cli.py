@@ -158,6 +158,37 @@ def test_status_of_unknown_or_malformed_job(pagecast_env):
     assert malformed.exit_code == 2 and "job_id: 'nope' is not a UUID" in malformed.stderr
 
 
+@pytest.mark.parametrize(
+    "command", ["run", "status", "cancel", "pause", "resume", "retry", "submit"]
+)
+def test_commands_on_an_unknown_job_start_nothing(pagecast_env, tmp_path, monkeypatch, command):
+    monkeypatch.setenv("PAGECAST_HOME", str(tmp_path))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # submit must not get there
+    job_id = "6f1c2a9e-0000-4000-8000-000000000001"
+    result = _run("job", command, job_id)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: no job {job_id}"
+    assert not (tmp_path / "logs").exists()  # no flow process was started
+
+
+def test_commands_that_do_not_fit_the_jobs_state_say_so(pagecast_env, recipients, tmp_path):
+    job_id = _run(
+        "job", "create", "--page-id", PAGE, "--text", "hi", "--recipients", recipients
+    ).stdout.strip()
+    resume = _run("job", "resume", job_id)
+    assert resume.exit_code == 1
+    assert f"job {job_id} is pending: only a paused job can be resumed" in resume.stderr
+    retry = _run("job", "retry", job_id)
+    assert retry.exit_code == 1 and "only ended or paused jobs can be retried" in retry.stderr
+    assert _run("job", "cancel", job_id).exit_code == 0
+    again = _run("job", "cancel", job_id)
+    assert again.exit_code == 1
+    assert f"job {job_id} is cancelled: it has ended and cannot be cancelled" in again.stderr
+    run = _run("job", "run", job_id)
+    assert run.exit_code == 1 and "it was cancelled" in run.stderr
+    assert _jobs()[0]["status"] == "cancelled"
+
+
 def test_db_commands(pagecast_env):
     assert _run("db", "upgrade").exit_code == 0
     sql = _run("db", "sql")

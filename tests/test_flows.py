@@ -11,7 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 from pagecast.errors import JobFatalGraphError, LeaseLost, MissingPageToken
 from pagecast.sandbox import SandboxConfig, running_sandbox
 from pagecast.settings import get_settings
-from tests.engine import PAGE, assert_counters_match_rows, create_job, job_row
+from tests.engine import PAGE, assert_counters_match_rows, create_job, job_row, recipient_counts
 
 TOKEN = "flow-test-token-3f9a1c"
 
@@ -172,3 +172,32 @@ def test_chunk_tasks_retry_only_transient_failures(error, retried):
     from tasks.sending import retry_transient_only
 
     assert retry_transient_only(None, None, Failed(data=error)) is retried
+
+
+def test_an_unexpected_error_ends_the_job_failed_with_the_rest_pending(
+    engine, sandbox, monkeypatch
+):
+    import tasks.sending
+    from flows.send_job import send_job
+
+    state, _ = sandbox
+    real_send = tasks.sending.send_chunk_core
+    calls = 0
+
+    async def breaks_on_the_second_chunk(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ValueError("disk on fire")
+        return await real_send(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.sending.send_chunk, "retries", 0)
+    monkeypatch.setattr(tasks.sending, "send_chunk_core", breaks_on_the_second_chunk)
+    job = create_job(engine, 1000)
+    assert send_job(job.id, return_state=True).is_failed()
+    failed = job_row(engine, job.id)
+    assert (failed.status, failed.lease_owner) == ("failed", None)
+    assert failed.last_error == "the run crashed: ValueError: disk on fire"
+    counts = recipient_counts(engine, job.id)
+    assert "sending" not in counts and counts["pending"] >= 100
+    assert counts["sent"] == failed.sent == state.stats()["delivered"]

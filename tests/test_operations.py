@@ -31,6 +31,7 @@ from tests.engine import PAGE, create_job, job_row, recipient_counts
 TOKEN = "ops-test-token"
 LEASE_SECONDS = 6
 WAIT_SECONDS = 120
+SCHEDULE_WAIT_SECONDS = 150  # the sweep's cron fires every minute; a run then starts in seconds
 
 
 def _free_port() -> int:
@@ -98,6 +99,24 @@ class Ops:
             time.sleep(0.5)
         raise AssertionError(f"timed out waiting for {what}")
 
+    def pagecast(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "pagecast", *args],
+            cwd=PROJECT_DIR,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    def kill_run(self, flow_run_id: str) -> None:
+        """SIGKILL the process of a flow run (its runner dies mid-job)."""
+        pid = self.wait_for(
+            lambda: self.api("GET", f"/flow_runs/{flow_run_id}").json().get("infrastructure_pid"),
+            "the run's pid",
+        )
+        os.kill(int(str(pid).rsplit(":", 1)[-1]), signal.SIGKILL)
+
     def delivered_psids(self, text: str) -> list[str]:
         """PSIDs the sandbox delivered ``text`` to, once per delivery."""
         self.sandbox.stats()
@@ -138,6 +157,7 @@ def ops(tmp_path_factory, server_url, template_database):
             "PAGECAST_NOTIFY_URL": f"http://127.0.0.1:{receiver.server_port}/hook",
             "PREFECT_HOME": str(home / "prefect"),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_HEARTBEAT_SECONDS": "2",
             "PREFECT_LOGGING_LEVEL": "INFO",
         }
         stack = start_stack(home, port=_free_port(), env=env)
@@ -148,9 +168,75 @@ def ops(tmp_path_factory, server_url, template_database):
             yield Ops(stack, db.engine_for(database_url), sandbox, ledger, env)
         finally:
             stop_stack(home)
+            errors = _server_errors(home)
             receiver.shutdown()
             db.engine_for(database_url).dispose()
             _admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        assert not errors, "the Prefect server logged errors:\n" + "\n".join(errors)
+
+
+def _server_errors(home: Path) -> list[str]:
+    """ERROR lines of the Prefect server's log: an incompatible dependency (a scheduler that
+    fails every minute) shows up here before any user sees it."""
+    log = home / "logs" / "prefect-server.log"
+    return [line for line in log.read_text().splitlines() if "| ERROR" in line]
+
+
+@dataclass
+class Unattended:
+    """Jobs left for the scheduled sweep alone: one pending, one whose runner was killed."""
+
+    pending: uuid.UUID
+    killed: uuid.UUID
+    in_flight_at_kill: int
+
+
+@pytest.fixture(scope="module")
+def unattended(ops) -> Unattended:
+    pending = create_job(ops.engine, 120, text="scheduled pickup").id
+    ops.sandbox.config.latency_ms = 300
+    killed = create_job(ops.engine, 300, rate=40.0, concurrency=20, text="scheduled takeover").id
+    run = ops.start("send-job/send-job", {"job_id": str(killed)})
+    ops.wait_for(lambda: job_row(ops.engine, killed).sent >= 30, "sending to start")
+    ops.kill_run(run["id"])
+    in_flight = recipient_counts(ops.engine, killed).get("sending", 0)
+    ops.sandbox.config.latency_ms = 0
+    return Unattended(pending, killed, in_flight)
+
+
+def _ended(ops: Ops, job_id: uuid.UUID, timeout: float = WAIT_SECONDS):
+    return ops.wait_for(
+        lambda: (
+            (j := job_row(ops.engine, job_id)).status in ("completed", "completed_with_errors")
+            and j
+        ),
+        f"job {job_id} to end",
+        timeout,
+    )
+
+
+def _only_scheduled_sweeps_ran(ops: Ops) -> None:
+    sweeps = ops.runs_of("sweep/sweep")
+    assert sweeps and all(r["auto_scheduled"] for r in sweeps)
+    assert any(r["state"]["type"] == "COMPLETED" for r in sweeps)
+
+
+def test_the_scheduled_sweep_starts_a_pending_job(ops, unattended):
+    finished = _ended(ops, unattended.pending, SCHEDULE_WAIT_SECONDS)
+    assert (finished.status, finished.sent, finished.attempt) == ("completed", 120, 1)
+    delivered = ops.delivered_psids("scheduled pickup")
+    assert len(delivered) == len(set(delivered)) == 120
+    _only_scheduled_sweeps_ran(ops)
+
+
+def test_the_scheduled_sweep_takes_over_a_killed_run(ops, unattended):
+    finished = _ended(ops, unattended.killed, SCHEDULE_WAIT_SECONDS)
+    assert finished.sent + finished.unknown == 300
+    assert finished.unknown == unattended.in_flight_at_kill
+    assert finished.attempt == 2
+    delivered = ops.delivered_psids("scheduled takeover")
+    assert len(delivered) == len(set(delivered)) >= finished.sent
+    _only_scheduled_sweeps_ran(ops)
 
 
 def test_bootstrap_is_idempotent_and_deploys_everything(ops):
@@ -174,38 +260,9 @@ def test_sweep_starts_a_pending_job_once(ops):
     job = create_job(ops.engine, 120, text="swept")
     ops.start("sweep/sweep", {})
     ops.start("sweep/sweep", {})
-    ops.wait_for(lambda: job_row(ops.engine, job.id).status == "completed", "the swept job")
-    assert len(ops.send_job_runs(job.id)) == 1
+    assert _ended(ops, job.id).attempt == 1  # claimed once, whatever runs were started
     delivered = ops.delivered_psids("swept")
     assert len(delivered) == len(set(delivered)) == 120
-
-
-def test_killed_runner_is_taken_over_by_the_sweep(ops):
-    ops.sandbox.config.latency_ms = 300
-    job = create_job(ops.engine, 300, rate=40.0, concurrency=20, text="takeover")
-    run = ops.start("send-job/send-job", {"job_id": str(job.id)})
-    ops.wait_for(lambda: job_row(ops.engine, job.id).sent >= 30, "sending to start")
-    pid = ops.wait_for(
-        lambda: ops.api("GET", f"/flow_runs/{run['id']}").json().get("infrastructure_pid"),
-        "the run's pid",
-    )
-    os.kill(int(str(pid).rsplit(":", 1)[-1]), signal.SIGKILL)
-    in_flight = recipient_counts(ops.engine, job.id).get("sending", 0)
-    ops.sandbox.config.latency_ms = 0
-    time.sleep(LEASE_SECONDS + 1)
-    ops.start("sweep/sweep", {})
-    finished = ops.wait_for(
-        lambda: (
-            (j := job_row(ops.engine, job.id)).status in ("completed", "completed_with_errors")
-            and j
-        ),
-        "the takeover to finish",
-    )
-    assert finished.sent + finished.unknown == 300
-    assert finished.unknown == in_flight
-    delivered = ops.delivered_psids("takeover")
-    assert len(delivered) == len(set(delivered)) >= finished.sent
-    assert len(ops.send_job_runs(job.id)) == 2
 
 
 def test_cancelling_the_flow_run_cancels_the_job(ops):
@@ -230,14 +287,26 @@ def test_cancelling_the_flow_run_cancels_the_job(ops):
     )
 
 
-def test_a_large_job_is_sent_by_child_runs_over_disjoint_ranges(ops):
+def test_a_large_job_is_sent_by_child_runs_and_a_retry_resends_its_failures(ops):
     job = create_job(ops.engine, 2400, rate=300.0, text="sharded")
+    failing = [str(10**15 + 7), str(10**15 + 2300)]  # in the first and the last range
+    ops.sandbox.config.fail_psids = dict.fromkeys(failing, "1")
     ops.start("send-job/send-job", {"job_id": str(job.id)})
-    finished = ops.wait_for(
-        lambda: (j := job_row(ops.engine, job.id)).status == "completed" and j, "the sharded job"
-    )
+    first = _ended(ops, job.id)
+    ops.sandbox.config.fail_psids = {}
+    assert (first.status, first.sent, first.failed) == ("completed_with_errors", 2398, 2)
     runs = ops.send_job_runs(job.id)
     assert sorted(r["parameters"].get("shard", -1) for r in runs) == [-1, 0, 1, 2]
+    retry = ops.pagecast("job", "retry", str(job.id), "--no-run")
+    assert retry.returncode == 0, retry.stderr
+    assert "re-queued 2 failed" in retry.stderr
+    submit = ops.pagecast("job", "submit", str(job.id))
+    assert submit.returncode == 0, submit.stderr
+    finished = ops.wait_for(
+        lambda: (j := job_row(ops.engine, job.id)).status == "completed" and j, "the retry"
+    )
+    runs = ops.send_job_runs(job.id)
+    assert sorted(r["parameters"].get("shard", -1) for r in runs) == [-1, -1, 0, 0, 1, 2, 2]
     delivered = ops.delivered_psids("sharded")
     assert finished.sent == len(delivered) == len(set(delivered)) == 2400
     assert ops.sandbox.stats()["pages"][PAGE]["max_per_second"] <= 300
@@ -352,3 +421,50 @@ def test_broadcast_form_in_the_prefect_ui(ops, tmp_path):
         ).one()
     assert tuple(job) == (4, 4, "completed")
     assert (tmp_path / "broadcast-form.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def without_worker(ops):
+    """The worker stops (as after `make down` of a worker host); the server stays."""
+    os.killpg(ops.stack.worker_pid, signal.SIGTERM)
+    ops.wait_for(
+        lambda: all(
+            w["status"] == "OFFLINE"
+            for w in ops.api("POST", "/work_pools/pagecast/workers/filter", json={}).json()
+        ),
+        "the worker to be offline",
+    )
+    return ops
+
+
+def test_without_a_worker_a_large_job_run_sends_every_range_itself(without_worker):
+    ops = without_worker
+    job = create_job(ops.engine, 2400, rate=300.0, text="no worker, large")
+    result = ops.pagecast("job", "run", str(job.id))
+    assert result.returncode == 0, result.stderr
+    finished = job_row(ops.engine, job.id)
+    assert (finished.status, finished.sent) == ("completed", 2400)
+    assert ops.send_job_runs(job.id) == []  # no child run left waiting for a worker
+    delivered = ops.delivered_psids("no worker, large")
+    assert len(delivered) == len(set(delivered)) == 2400
+
+
+def test_without_a_worker_submit_says_what_the_job_waits_for_and_a_sweep_sends_it(
+    without_worker,
+):
+    ops = without_worker
+    job = create_job(ops.engine, 50, text="no worker, submitted")
+    submit = ops.pagecast("job", "submit", str(job.id))
+    assert submit.returncode == 0, submit.stderr
+    assert "the job waits for a worker on work pool 'pagecast'" in submit.stderr
+    status = json.loads(ops.pagecast("job", "status", str(job.id), "--json").stdout)
+    assert status["status"] == "pending"
+    assert status["waiting_for"].startswith(
+        "a worker on work pool 'pagecast' to start send-job run"
+    )
+    swept = ops.pagecast("sweep")
+    assert swept.returncode == 0, swept.stderr
+    lines = swept.stdout.splitlines()
+    assert lines[0].endswith("in this process: no worker is online for work pool 'pagecast'")
+    assert f"job {job.id} (due): sent here, completed: 50 sent" in swept.stdout
+    assert job_row(ops.engine, job.id).waiting_for is None

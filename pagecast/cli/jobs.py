@@ -240,13 +240,13 @@ def job_submit(
     """Start the job on the Prefect server (the send-job deployment) and print the flow run id."""
     job_uuid = _parse_job_id(job_id)
     settings = load_settings()
-    api = api_url or launch.prefect_api_url(settings)
-    if not api:
-        raise ConfigurationError("no Prefect server: set PREFECT_API_URL or run `make up`")
     engine = db.ready_engine(settings)
     with db.session_scope(engine) as session:
         recovery = lifecycle.Recovery.from_settings(settings)
         attempt = lifecycle.ensure_startable(session, job_id=job_uuid, recovery=recovery).attempt
+    api = api_url or launch.prefect_api_url(settings)
+    if not api:
+        raise ConfigurationError("no Prefect server: set PREFECT_API_URL or run `make up`")
     run = trigger.submit(
         api,
         flow_name="send-job",
