@@ -6,8 +6,8 @@ from typing import Any
 from prefect import flow
 
 from flows.send_job import send_job
+from pagecast.commands import requeue_job
 from pagecast.db import ready_engine, session_scope
-from pagecast.lifecycle import requeue_job
 from pagecast.settings import get_settings
 
 

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
 from prefect.states import State
 
-from pagecast import lifecycle, repo, shards, trigger
+from pagecast import commands, lifecycle, repo, shards, trigger
 from pagecast.chunks import ChunkBounds
 from pagecast.db import ready_engine, session_scope
 from pagecast.errors import MissingPageToken
@@ -47,7 +47,7 @@ def request_cancel(flow: Flow, flow_run: FlowRun, state: State) -> None:
             JobStatus.RUNNING,
             JobStatus.PAUSED,
         ):
-            lifecycle.cancel_run(session, job_id=job_id, owner=str(flow_run.id))
+            commands.cancel_run(session, job_id=job_id, owner=str(flow_run.id))
 
 
 def _percent(job: SendJob) -> float:

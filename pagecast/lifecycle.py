@@ -1,4 +1,5 @@
-"""A job's life: claim and lease, heartbeat, takeover of a dead runner's work, and the end states.
+"""A job's life under its runners: claim and lease, heartbeat, the end of a run (dead or not), and
+the end states. What an operator does to a job is in ``pagecast.commands``.
 
 A runner owns a job through its lease (``lease_owner`` + ``attempt``), or one shard of a large job
 through the shard's lease (see ``pagecast.shards``). The claim is one conditional UPDATE; every
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast.errors import JobNotFound, JobStateConflict, LeaseLost
+from pagecast.errors import LeaseLost
 from pagecast.models import JobStatus, SendJob
+from pagecast.repo import get_job
 from pagecast.settings import Settings
 
 CANCELLED_REASON = "job_cancelled"
@@ -182,7 +184,7 @@ def end_dead_runs(
     for dead_id, cancel_requested in rows:
         settled = release_orphans(session, job_id=dead_id)
         if cancel_requested:
-            status = _cancel_now(session, dead_id)
+            status = cancel_now(session, dead_id)
         else:
             status = _end_run(
                 session,
@@ -220,14 +222,7 @@ def release_orphans(
     return session.execute(_ORPHANS, params).scalar_one()
 
 
-def _read_job(session: Session, job_id: uuid.UUID, *, for_update: bool = False) -> SendJob:
-    job = session.get(SendJob, job_id, populate_existing=True, with_for_update=for_update)
-    if job is None:
-        raise JobNotFound(job_id)
-    return job
-
-
-def _pending_count(session: Session, job_id: uuid.UUID) -> int:
+def pending_count(session: Session, job_id: uuid.UUID) -> int:
     return session.execute(
         sa.text(
             "SELECT count(*) FROM send_job_recipients WHERE job_id = :job_id AND status = 'pending'"
@@ -251,7 +246,7 @@ def heartbeat(session: Session, *, lease: Lease) -> SendJob:
     job_id = session.execute(sa.text(statement), lease_params(lease)).scalar_one_or_none()
     if job_id is None:
         raise LeaseLost(lease.job_id)
-    return _read_job(session, lease.job_id)
+    return get_job(session, job_id=lease.job_id)
 
 
 def stop_running_job(session: Session, *, lease: Lease, status: JobStatus, reason: str) -> None:
@@ -268,7 +263,7 @@ def stop_running_job(session: Session, *, lease: Lease, status: JobStatus, reaso
     )
 
 
-def _cancel_now(session: Session, job_id: uuid.UUID) -> JobStatus:
+def cancel_now(session: Session, job_id: uuid.UUID) -> JobStatus:
     """Skip every pending recipient and end the job ``cancelled``."""
     session.execute(
         sa.text(
@@ -300,12 +295,12 @@ def finish_job(session: Session, *, lease: Lease, recovery: Recovery) -> SendJob
     release_orphans(session, job_id=lease.job_id)
     fence, params = fence_sql(lease), lease_params(lease)
     if job.status == JobStatus.RUNNING and job.cancel_requested:
-        _cancel_now(session, lease.job_id)
-    elif job.status == JobStatus.RUNNING and _pending_count(session, lease.job_id):
+        cancel_now(session, lease.job_id)
+    elif job.status == JobStatus.RUNNING and pending_count(session, lease.job_id):
         _end_run(session, fence, params, recovery, "the run ended with recipients pending")
     else:
         if job.status == JobStatus.RUNNING:
-            job = _read_job(session, lease.job_id)
+            job = get_job(session, job_id=lease.job_id)
             errors = job.failed + job.unknown
             status = JobStatus.COMPLETED_WITH_ERRORS if errors else JobStatus.COMPLETED
         else:
@@ -317,168 +312,4 @@ def finish_job(session: Session, *, lease: Lease, recovery: Recovery) -> SendJob
             ),
             params | {"status": status.value, "finished": status != JobStatus.PAUSED},
         )
-    return _read_job(session, lease.job_id)
-
-
-_START_BLOCKERS = {
-    JobStatus.COMPLETED: "it has ended; `pagecast job retry` re-queues transient failures",
-    JobStatus.COMPLETED_WITH_ERRORS: "it has ended; `pagecast job retry` re-queues transient failures",
-    JobStatus.FAILED: "`pagecast job retry` re-queues it",
-    JobStatus.CANCELLED: "it was cancelled; create a new job to send again",
-    JobStatus.PAUSED: "`pagecast job resume` continues it",
-}
-
-
-def ensure_startable(session: Session, *, job_id: uuid.UUID, recovery: Recovery) -> SendJob:
-    """The job, when a run started now could claim it; otherwise ``JobStateConflict`` says why
-    (ended, paused, cancelled, another runner sending it, scheduled for later)."""
-    job = _read_job(session, job_id)
-    alive, early = session.execute(
-        sa.text(
-            "SELECT heartbeat_at >= now() - make_interval(secs => :lease_seconds), "
-            "scheduled_at > now() FROM send_jobs WHERE id = :job_id"
-        ),
-        {"job_id": job_id, "lease_seconds": recovery.lease_seconds},
-    ).one()
-    blocker = _START_BLOCKERS.get(JobStatus(job.status))
-    if blocker is not None:
-        detail = f" (last error: {job.last_error})" if job.last_error else ""
-        raise JobStateConflict(job_id, job.status, blocker + detail)
-    if job.cancel_requested:
-        raise JobStateConflict(job_id, job.status, "a cancel was requested")
-    if job.status == JobStatus.RUNNING and alive:
-        raise JobStateConflict(
-            job_id,
-            job.status,
-            f"runner {job.lease_owner} is sending it; watch `pagecast job status`",
-        )
-    if early:
-        raise JobStateConflict(
-            job_id, job.status, f"it is scheduled for {job.scheduled_at}; the sweep starts it then"
-        )
-    return job
-
-
-def cancel_job(session: Session, *, job_id: uuid.UUID) -> SendJob:
-    """Cancel a job: at once when no runner holds it, else by a flag its runner checks per chunk."""
-    job = _read_job(session, job_id, for_update=True)
-    if job.status in (JobStatus.PENDING, JobStatus.PAUSED):
-        _cancel_now(session, job_id)
-    elif job.status == JobStatus.RUNNING:
-        session.execute(
-            sa.text("UPDATE send_jobs SET cancel_requested = true WHERE id = :job_id"),
-            {"job_id": job_id},
-        )
-    else:
-        raise JobStateConflict(job_id, job.status, "it has ended and cannot be cancelled")
-    return _read_job(session, job_id)
-
-
-def cancel_run(session: Session, *, job_id: uuid.UUID, owner: str) -> SendJob:
-    """A runner was cancelled from outside (Prefect): request the cancel and, when that runner holds
-    the lease, end the job now, since its process may already be gone. Its in-flight recipients
-    become ``unknown`` and the rest ``skipped``."""
-    job = cancel_job(session, job_id=job_id)
-    if job.status == JobStatus.RUNNING and job.lease_owner == owner:
-        lease = Lease(job_id=job_id, owner=owner, attempt=job.attempt)
-        return finish_job(session, lease=lease, recovery=Recovery())
-    return job
-
-
-def pause_job(session: Session, *, job_id: uuid.UUID, reason: str = "paused by request") -> SendJob:
-    """Pause a pending or running job; its runner stops after the chunks in flight."""
-    job = _read_job(session, job_id, for_update=True)
-    if job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
-        raise JobStateConflict(job_id, job.status, "only pending or running jobs can be paused")
-    job.status, job.last_error = JobStatus.PAUSED, reason
-    session.add(job)
-    session.flush()
-    return job
-
-
-def _restartable(job: SendJob) -> None:
-    """A job made pending by hand starts afresh: no stalled runs, no backoff."""
-    job.stalled_runs, job.next_attempt_at, job.waiting_for = 0, None, None
-
-
-def resume_job(session: Session, *, job_id: uuid.UUID) -> SendJob:
-    """Make a paused job pending again, to be picked up where it stopped."""
-    job = _read_job(session, job_id, for_update=True)
-    if job.status != JobStatus.PAUSED:
-        raise JobStateConflict(job_id, job.status, "only a paused job can be resumed")
-    job.status, job.last_error = JobStatus.PENDING, None
-    _restartable(job)
-    session.add(job)
-    session.flush()
-    return job
-
-
-@dataclass(frozen=True)
-class Requeued:
-    """What ``requeue_job`` put back to ``pending``."""
-
-    failed: int
-    unknown: int
-
-
-def requeue_job(session: Session, *, job_id: uuid.UUID, include_unknown: bool = False) -> Requeued:
-    """Put an ended or paused job back to ``pending``: recipients that failed transiently (and
-    ``unknown`` ones with ``include_unknown``, at the risk of a duplicate) are sent again, as are
-    those a job-fatal error left pending. Ranges of a sharded job are reopened where they hold
-    pending recipients again."""
-    job = _read_job(session, job_id, for_update=True)
-    if job.status in (JobStatus.RUNNING, JobStatus.PENDING, JobStatus.CANCELLED):
-        raise JobStateConflict(job_id, job.status, "only ended or paused jobs can be retried")
-    failed, unknown = session.execute(
-        sa.text(
-            """
-            WITH chosen AS (
-                SELECT psid, status FROM send_job_recipients
-                WHERE job_id = :job_id
-                  AND ((status = 'failed' AND retryable) OR (status = 'unknown' AND :include_unknown))
-                FOR UPDATE
-            ), requeued AS (
-                UPDATE send_job_recipients r SET status = 'pending', error_code = NULL,
-                    error_subcode = NULL, error_message = NULL, retryable = false
-                FROM chosen c WHERE r.job_id = :job_id AND r.psid = c.psid
-                RETURNING c.status
-            )
-            SELECT count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'unknown')
-            FROM requeued
-            """
-        ),
-        {"job_id": job_id, "include_unknown": include_unknown},
-    ).one()
-    if _pending_count(session, job_id) == 0:
-        hint = (
-            ""
-            if include_unknown or not job.unknown
-            else " (pass --include-unknown to resend unknowns)"
-        )
-        raise JobStateConflict(job_id, job.status, f"it has nothing to retry{hint}")
-    reopen_ranges(session, job_id=job_id)
-    session.execute(
-        sa.text(
-            "UPDATE send_jobs SET status = 'pending', failed = failed - :failed, "
-            "unknown = unknown - :unknown, finished_at = NULL, last_error = NULL, "
-            "stalled_runs = 0, next_attempt_at = NULL, waiting_for = NULL WHERE id = :job_id"
-        ),
-        {"job_id": job_id, "failed": failed, "unknown": unknown},
-    )
-    return Requeued(failed=failed, unknown=unknown)
-
-
-def reopen_ranges(session: Session, *, job_id: uuid.UUID) -> int:
-    """Make ``done`` ranges of a sharded job ``pending`` again where they hold pending recipients
-    (after a retry re-queued some), so that the job's next run sends them."""
-    return session.execute(
-        sa.text(
-            """
-            UPDATE send_job_shards s SET status = 'pending'
-            WHERE s.job_id = :job_id AND s.status = 'done' AND EXISTS (
-                SELECT 1 FROM send_job_recipients r WHERE r.job_id = s.job_id
-                  AND r.status = 'pending' AND r.psid > s.psid_after AND r.psid <= s.psid_last)
-            """
-        ),
-        {"job_id": job_id},
-    ).rowcount
+    return get_job(session, job_id=lease.job_id)

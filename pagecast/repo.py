@@ -199,9 +199,9 @@ def create_job(session: Session, *, request: JobRequest) -> CreatedJob:
     )
 
 
-def get_job(session: Session, *, job_id: uuid.UUID) -> SendJob:
-    """The job with ``job_id``, or ``JobNotFound``."""
-    job = session.get(SendJob, job_id, populate_existing=True)
+def get_job(session: Session, *, job_id: uuid.UUID, for_update: bool = False) -> SendJob:
+    """The job with ``job_id`` (row-locked with ``for_update``), or ``JobNotFound``."""
+    job = session.get(SendJob, job_id, populate_existing=True, with_for_update=for_update)
     if job is None:
         raise JobNotFound(job_id)
     return job

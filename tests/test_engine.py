@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from pagecast import commands
 from pagecast.sandbox import SandboxConfig, running_sandbox
 from tests.engine import (
     assert_counters_match_rows,
@@ -132,7 +133,7 @@ async def test_personalisation_and_the_24_hour_window(engine, database_url, sand
 
 
 async def test_revoked_token_fails_the_job_and_retry_sends_the_rest(engine, database_url, sandbox):
-    from pagecast import db, lifecycle
+    from pagecast import db
 
     url, state, ledger = sandbox
     state.config.revoke_after = 60
@@ -145,7 +146,7 @@ async def test_revoked_token_fails_the_job_and_retry_sends_the_rest(engine, data
     sent_before = failed.sent
     assert recipient_counts(engine, job.id).get("pending", 0) == 500 - sent_before
     with db.session_scope(engine) as session:
-        lifecycle.requeue_job(session, job_id=job.id)
+        commands.requeue_job(session, job_id=job.id)
     finished = await run_job(engine, settings, job.id, token="new")
     assert finished.status == "completed"
     assert finished.sent == 500
@@ -170,7 +171,7 @@ async def test_two_runs_started_together_send_once(engine, database_url, sandbox
 async def test_cancel_mid_job(engine, database_url, sandbox):
     import asyncio
 
-    from pagecast import db, lifecycle
+    from pagecast import db
 
     url, state, _ = sandbox
     job = create_job(engine, 400, rate=40.0)
@@ -178,7 +179,7 @@ async def test_cancel_mid_job(engine, database_url, sandbox):
     while job_row(engine, job.id).sent < 40:
         await asyncio.sleep(0.1)
     with db.session_scope(engine) as session:
-        lifecycle.cancel_job(session, job_id=job.id)
+        commands.cancel_job(session, job_id=job.id)
     finished = await asyncio.wait_for(task, timeout=15)
     assert finished.status == "cancelled"
     assert finished.sent < 400
@@ -188,7 +189,7 @@ async def test_cancel_mid_job(engine, database_url, sandbox):
 
 
 async def test_too_many_permanent_failures_pause_the_job(engine, database_url, sandbox):
-    from pagecast import db, lifecycle
+    from pagecast import db
 
     url, state, _ = sandbox
     state.config.permanent_rate = 0.5
@@ -199,7 +200,7 @@ async def test_too_many_permanent_failures_pause_the_job(engine, database_url, s
     assert recipient_counts(engine, job.id).get("pending", 0) > 0
     state.config.permanent_rate = 0.0
     with db.session_scope(engine) as session:
-        lifecycle.resume_job(session, job_id=job.id)
+        commands.resume_job(session, job_id=job.id)
     finished = await run_job(engine, make_settings(database_url, url), job.id)
     assert finished.status == "completed_with_errors"
     assert_counters_match_rows(engine, job.id)

@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast import db, lifecycle
+from pagecast import commands, db, lifecycle
 from pagecast.chunks import ChunkBounds, send_chunk
 from pagecast.errors import JobStateConflict, LeaseLost
 from pagecast.lifecycle import Recovery
@@ -87,24 +87,24 @@ def test_takeover_turns_in_flight_rows_unknown_or_pending(engine):
 def test_cancel_pause_resume_rules(engine):
     job = create_job(engine, 4)
     with db.session_scope(engine) as session:
-        lifecycle.pause_job(session, job_id=job.id)
+        commands.pause_job(session, job_id=job.id)
     with (
         db.session_scope(engine) as session,
         pytest.raises(JobStateConflict, match="only a paused job"),
     ):
-        lifecycle.resume_job(session, job_id=create_job(engine, 1, text="other").id)
+        commands.resume_job(session, job_id=create_job(engine, 1, text="other").id)
     with db.session_scope(engine) as session:
-        lifecycle.resume_job(session, job_id=job.id)
-        cancelled = lifecycle.cancel_job(session, job_id=job.id)
+        commands.resume_job(session, job_id=job.id)
+        cancelled = commands.cancel_job(session, job_id=job.id)
     assert cancelled.status == "cancelled"
     assert (cancelled.skipped, cancelled.total) == (4, 4)
     with (
         db.session_scope(engine) as session,
         pytest.raises(JobStateConflict, match="is cancelled: it has ended"),
     ):
-        lifecycle.cancel_job(session, job_id=job.id)
+        commands.cancel_job(session, job_id=job.id)
     with db.session_scope(engine) as session, pytest.raises(JobStateConflict):
-        lifecycle.requeue_job(session, job_id=job.id)
+        commands.requeue_job(session, job_id=job.id)
 
 
 def test_retry_with_nothing_to_retry_is_refused(engine):
@@ -131,7 +131,7 @@ def test_retry_with_nothing_to_retry_is_refused(engine):
         db.session_scope(engine) as session,
         pytest.raises(JobStateConflict, match="nothing to retry"),
     ):
-        lifecycle.requeue_job(session, job_id=job.id)
+        commands.requeue_job(session, job_id=job.id)
     assert job_row(engine, job.id).status == "completed"
 
 
@@ -147,9 +147,9 @@ def test_cancelled_runner_ends_its_job_at_once(engine):
             {"id": job.id},
         )
     with db.session_scope(engine) as session:
-        other = lifecycle.cancel_run(session, job_id=job.id, owner="someone-else")
+        other = commands.cancel_run(session, job_id=job.id, owner="someone-else")
     assert (other.status, other.cancel_requested) == ("running", True)
     with db.session_scope(engine) as session:
-        ended = lifecycle.cancel_run(session, job_id=job.id, owner="run-1")
+        ended = commands.cancel_run(session, job_id=job.id, owner="run-1")
     assert (ended.status, ended.unknown, ended.skipped) == ("cancelled", 1, 3)
     assert ended.lease_owner is None

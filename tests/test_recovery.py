@@ -3,7 +3,7 @@ crashed runs ending their job failed, sharded retries, and what a job waits for.
 
 import sqlalchemy as sa
 
-from pagecast import db, lifecycle, repo, reports, shards
+from pagecast import commands, db, lifecycle, repo, reports, shards
 from pagecast.lifecycle import Recovery
 from pagecast.runner import JobRun, run_in_process
 from pagecast.sandbox import SandboxConfig, running_sandbox
@@ -72,7 +72,7 @@ def test_a_job_whose_runs_die_without_progress_is_backed_off_then_given_up(engin
     assert recipient_counts(engine, job.id) == {"pending": 10}
     assert _sweep(engine) == []
     with db.session_scope(engine) as session:
-        lifecycle.requeue_job(session, job_id=job.id)
+        commands.requeue_job(session, job_id=job.id)
     resumed = job_row(engine, job.id)
     assert (resumed.status, resumed.stalled_runs, resumed.next_attempt_at) == ("pending", 0, None)
 
@@ -113,7 +113,7 @@ def test_a_dead_runner_with_a_cancel_request_ends_cancelled(engine):
         "UPDATE send_job_recipients SET status = 'sending' WHERE psid = '1000000000000000'",
     )
     with db.session_scope(engine) as session:
-        lifecycle.cancel_job(session, job_id=job.id)
+        commands.cancel_job(session, job_id=job.id)
     assert job_row(engine, job.id).status == "running"
     _kill_runner(engine, job.id)
     (item,) = _sweep(engine)
@@ -160,7 +160,7 @@ async def test_an_unexpected_error_ends_the_job_failed_and_retry_resumes(engine,
         delivered = sandbox.stats()["delivered"]
         assert counts["sent"] <= delivered <= counts["sent"] + counts.get("unknown", 0)
         with db.session_scope(engine) as session:
-            lifecycle.requeue_job(session, job_id=job.id)
+            commands.requeue_job(session, job_id=job.id)
         finished = await run_job(engine, settings, job.id)
         assert finished.status == "completed_with_errors"
         assert finished.sent + finished.unknown == 300
@@ -182,7 +182,7 @@ async def test_retry_of_a_sharded_job_reopens_the_ranges_it_needs(engine, databa
         assert (first.status, first.sent, first.failed) == ("completed_with_errors", 298, 2)
         sandbox.config.fail_psids = {}
         with db.session_scope(engine) as session:
-            assert lifecycle.requeue_job(session, job_id=job.id).failed == 2
+            assert commands.requeue_job(session, job_id=job.id).failed == 2
             assert shards.plan(session, job_id=job.id, lease_seconds=60).to_start == [
                 (0, 1),
                 (2, 1),
@@ -204,7 +204,7 @@ async def run_shard(engine, settings, job_id, shard):
 def test_what_a_job_waits_for(engine):
     paused = create_job(engine, 2)
     with db.session_scope(engine) as session:
-        lifecycle.pause_job(session, job_id=paused.id, reason="too many blocks")
+        commands.pause_job(session, job_id=paused.id, reason="too many blocks")
     assert _waiting(engine, paused.id) == "a resume (`pagecast job resume`): too many blocks"
     later = create_job(engine, 2, text="later")
     _execute(

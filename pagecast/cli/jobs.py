@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from pagecast import db, launch, lifecycle, repo, trigger
+from pagecast import commands, db, launch, lifecycle, repo, trigger
 from pagecast.audience import ParsedRecipients, read_recipients
 from pagecast.cli.common import (
     JsonOption,
@@ -212,7 +212,7 @@ def run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
     A job that no run could claim now (unknown, ended, paused, being sent) starts nothing."""
     engine = db.ready_engine(settings)
     with db.session_scope(engine) as session:
-        lifecycle.ensure_startable(
+        commands.ensure_startable(
             session, job_id=job_id, recovery=lifecycle.Recovery.from_settings(settings)
         )
     log_path = settings.home / "logs" / f"send-job-{job_id}.log"
@@ -243,7 +243,7 @@ def job_submit(
     engine = db.ready_engine(settings)
     with db.session_scope(engine) as session:
         recovery = lifecycle.Recovery.from_settings(settings)
-        attempt = lifecycle.ensure_startable(session, job_id=job_uuid, recovery=recovery).attempt
+        attempt = commands.ensure_startable(session, job_id=job_uuid, recovery=recovery).attempt
     api = api_url or launch.prefect_api_url(settings)
     if not api:
         raise ConfigurationError("no Prefect server: set PREFECT_API_URL or run `make up`")
@@ -281,7 +281,7 @@ def job_run(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> Non
 def job_cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
     """Cancel a job: at once if idle, else its runner stops within seconds."""
     with db.session_scope(db.ready_engine(load_settings())) as session:
-        job = lifecycle.cancel_job(session, job_id=_parse_job_id(job_id))
+        job = commands.cancel_job(session, job_id=_parse_job_id(job_id))
     stderr.print(
         f"job {job.id}: {'cancelled' if job.status == JobStatus.CANCELLED else 'cancel requested'}"
     )
@@ -292,7 +292,7 @@ def job_cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> 
 def job_pause(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
     """Pause a job without losing its place; `pagecast job resume` continues it."""
     with db.session_scope(db.ready_engine(load_settings())) as session:
-        lifecycle.pause_job(session, job_id=_parse_job_id(job_id))
+        commands.pause_job(session, job_id=_parse_job_id(job_id))
     stderr.print(f"job {job_id} paused")
 
 
@@ -305,7 +305,7 @@ def job_resume(
     """Make a paused job pending again and run it."""
     settings = load_settings()
     with db.session_scope(db.ready_engine(settings)) as session:
-        job = lifecycle.resume_job(session, job_id=_parse_job_id(job_id))
+        job = commands.resume_job(session, job_id=_parse_job_id(job_id))
     stderr.print(f"job {job.id} resumed")
     if run:
         run_and_watch(settings, job.id)
@@ -323,7 +323,7 @@ def job_retry(
     """Re-queue transient failures (and unknowns with --include-unknown) and run the job again."""
     settings = load_settings()
     with db.session_scope(db.ready_engine(settings)) as session:
-        requeued = lifecycle.requeue_job(
+        requeued = commands.requeue_job(
             session, job_id=_parse_job_id(job_id), include_unknown=include_unknown
         )
     stderr.print(f"re-queued {requeued.failed} failed and {requeued.unknown} unknown recipients")
