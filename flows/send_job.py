@@ -144,10 +144,13 @@ def _send_range(parent: JobRun, shard: int) -> None:
 
 def _supervise_shards(run: JobRun, progress: uuid.UUID) -> None:
     """Start a child run per range (again when one stops heartbeating) until all are done, or
-    until the job stops and no child is sending any more. With no worker online for the child
-    runs, this run sends the waiting ranges itself."""
+    until the job stops and no child is sending any more. A range whose child run cannot start
+    (no worker online) or has not started within ``PAGECAST_CHILD_PICKUP_SECONDS`` is sent by this
+    run."""
     logger = get_run_logger()
     lease_seconds = run.settings.lease_seconds
+    pickup_seconds = run.settings.child_pickup_seconds
+    launched: dict[tuple[int, int], float] = {}
     while True:
         job = run.job_state()
         with session_scope(run.engine) as session:
@@ -155,12 +158,16 @@ def _supervise_shards(run: JobRun, progress: uuid.UUID) -> None:
         active = job.status == JobStatus.RUNNING and not job.cancel_requested
         blocker = _why_no_child_runs() if active and state.to_start else None
         for shard, attempt in state.to_start if active else []:
-            if blocker is not None:
-                logger.warning(
-                    "job %s: this run sends range %d itself: %s", run.job_id, shard, blocker
-                )
+            waited = time.monotonic() - launched.get((shard, attempt), time.monotonic())
+            if waited > pickup_seconds:
+                reason = f"its child run did not start within {pickup_seconds:.0f} s"
+            else:
+                reason = blocker
+            if reason is not None:
+                logger.warning("job %s: this run sends range %d: %s", run.job_id, shard, reason)
                 _send_range(run, shard)
                 continue
+            launched.setdefault((shard, attempt), time.monotonic())
             run_deployment(
                 SEND_JOB_DEPLOYMENT,
                 parameters={"job_id": str(run.job_id), "shard": shard},

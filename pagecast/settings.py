@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     shard_size: int = Field(
         default=50_000, ge=100, description="Jobs larger than this are sent by parallel child runs."
     )
+    child_pickup_seconds: float = Field(
+        default=90.0,
+        ge=1,
+        description="A large job's run sends a range itself when its child run has not started by then.",
+    )
     chunk_task_limit: int = Field(
         default=16, ge=1, description="Chunk tasks in flight across all runs (a Prefect tag limit)."
     )

@@ -154,10 +154,10 @@ def ops(tmp_path_factory, server_url, template_database):
             "PAGECAST_LEASE_SECONDS": str(LEASE_SECONDS),
             "PAGECAST_CHUNK_SIZE": "50",
             "PAGECAST_SHARD_SIZE": "1000",
+            "PAGECAST_CHILD_PICKUP_SECONDS": "15",
             "PAGECAST_NOTIFY_URL": f"http://127.0.0.1:{receiver.server_port}/hook",
             "PREFECT_HOME": str(home / "prefect"),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_WORKER_HEARTBEAT_SECONDS": "2",
             "PREFECT_LOGGING_LEVEL": "INFO",
         }
         stack = start_stack(home, port=_free_port(), env=env)
@@ -291,9 +291,11 @@ def test_a_large_job_is_sent_by_child_runs_and_a_retry_resends_its_failures(ops)
     job = create_job(ops.engine, 2400, rate=300.0, text="sharded")
     failing = [str(10**15 + 7), str(10**15 + 2300)]  # in the first and the last range
     ops.sandbox.config.fail_psids = dict.fromkeys(failing, "1")
-    ops.start("send-job/send-job", {"job_id": str(job.id)})
-    first = _ended(ops, job.id)
-    ops.sandbox.config.fail_psids = {}
+    try:
+        ops.start("send-job/send-job", {"job_id": str(job.id)})
+        first = _ended(ops, job.id)
+    finally:
+        ops.sandbox.config.fail_psids = {}
     assert (first.status, first.sent, first.failed) == ("completed_with_errors", 2398, 2)
     runs = ops.send_job_runs(job.id)
     assert sorted(r["parameters"].get("shard", -1) for r in runs) == [-1, 0, 1, 2]
@@ -424,17 +426,42 @@ def test_broadcast_form_in_the_prefect_ui(ops, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def without_worker(ops):
-    """The worker stops (as after `make down` of a worker host); the server stays."""
+def dead_worker(ops):
+    """The worker process is gone (a worker host went down); the server still counts it online
+    until three of its heartbeat intervals have passed."""
     os.killpg(ops.stack.worker_pid, signal.SIGTERM)
-    ops.wait_for(
-        lambda: all(
-            w["status"] == "OFFLINE"
-            for w in ops.api("POST", "/work_pools/pagecast/workers/filter", json={}).json()
-        ),
-        "the worker to be offline",
-    )
+    ops.wait_for(lambda: _gone(ops.stack.worker_pid), "the worker to exit")
     return ops
+
+
+@pytest.fixture(scope="module")
+def without_worker(dead_worker):
+    """No worker at all: the dead one is forgotten by the server too."""
+    ops = dead_worker
+    for worker in ops.api("POST", "/work_pools/pagecast/workers/filter", json={}).json():
+        ops.api("DELETE", f"/work_pools/pagecast/workers/{worker['name']}")
+    return ops
+
+
+def _gone(pid: int) -> bool:
+    """The process exited (a zombie until its parent, this test process, reaps it)."""
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def test_child_runs_no_worker_starts_are_sent_by_the_jobs_own_run(dead_worker):
+    ops = dead_worker
+    job = create_job(ops.engine, 2400, rate=300.0, text="dead worker, large")
+    result = ops.pagecast("job", "run", str(job.id))
+    assert result.returncode == 0, result.stderr
+    finished = job_row(ops.engine, job.id)
+    assert (finished.status, finished.sent) == ("completed", 2400)
+    children = ops.send_job_runs(job.id)
+    assert len(children) == 3 and all(r["state"]["type"] == "SCHEDULED" for r in children)
+    delivered = ops.delivered_psids("dead worker, large")
+    assert len(delivered) == len(set(delivered)) == 2400
 
 
 def test_without_a_worker_a_large_job_run_sends_every_range_itself(without_worker):
