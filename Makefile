@@ -11,7 +11,7 @@ install:
 	@$(UV) sync --frozen --quiet
 
 test: install
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest -n 2 --dist loadfile
 
 lint: install
 	$(UV) run --frozen ruff check .

@@ -16,9 +16,11 @@ from pathlib import Path
 from prefect import get_client
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.blocks.system import Secret
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.workers.process import ProcessWorker
 
 from pagecast.settings import Settings, get_settings
 from tasks.sending import SEND_TAG
@@ -38,11 +40,20 @@ SUMMARY_BODY = (
 
 
 async def ensure_work_pool() -> None:
-    """The process work pool every pagecast deployment runs on."""
+    """The process work pool every pagecast deployment runs on, with the process worker's base job
+    template. An existing pool keeps its template: ``create_work_pool(overwrite=True)`` would
+    replace it with an empty one, which a running worker then writes back from inside its
+    websocket setup transaction (a lock error on a busy SQLite-backed server)."""
+    template = ProcessWorker.get_default_base_job_template()
     async with get_client() as client:
-        await client.create_work_pool(
-            WorkPoolCreate(name=WORK_POOL, type="process"), overwrite=True
-        )
+        try:
+            await client.create_work_pool(
+                WorkPoolCreate(name=WORK_POOL, type="process", base_job_template=template)
+            )
+        except ObjectAlreadyExists:
+            pool = await client.read_work_pool(WORK_POOL)
+            if not pool.base_job_template:
+                await client.update_work_pool(WORK_POOL, WorkPoolUpdate(base_job_template=template))
 
 
 async def ensure_send_limit(settings: Settings) -> None:

@@ -175,11 +175,43 @@ def ops(tmp_path_factory, server_url, template_database):
         assert not errors, "the Prefect server logged errors:\n" + "\n".join(errors)
 
 
+_LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| ")
+# Prefect 3.8 on SQLite logs write conflicts between its own services as ERRORs (a deferred
+# transaction that cannot take the write lock; PrefectHQ/prefect#23051, #19771). They are load, not
+# a broken dependency, and Prefect retries them; every other ERROR fails the suite.
+SQLITE_CONTENTION = "sqlite3.OperationalError: database is locked"
+
+
 def _server_errors(home: Path) -> list[str]:
-    """ERROR lines of the Prefect server's log: an incompatible dependency (a scheduler that
-    fails every minute) shows up here before any user sees it."""
-    log = home / "logs" / "prefect-server.log"
-    return [line for line in log.read_text().splitlines() if "| ERROR" in line]
+    """ERROR records of the Prefect server's log (a record runs until the next timestamped line):
+    an incompatible dependency, such as a scheduler that fails every minute, shows up here before
+    any user sees it."""
+    records: list[list[str]] = []
+    for line in (home / "logs" / "prefect-server.log").read_text().splitlines():
+        if _LOG_RECORD.match(line):
+            records.append([line])
+        elif records:
+            records[-1].append(line)
+    return [
+        "\n".join(record)
+        for record in records
+        if "| ERROR" in record[0] and not any(SQLITE_CONTENTION in line for line in record)
+    ]
+
+
+def test_the_log_scan_fails_on_a_broken_scheduler_but_not_on_sqlite_contention(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "prefect-server.log").write_text(
+        "10:00:00.000 | INFO    | prefect.server - started\n"
+        "10:00:01.000 | ERROR   | docket.dependencies - mark_work_queues_ready\n"
+        "Traceback (most recent call last):\n"
+        "sqlite3.OperationalError: database is locked\n"
+        "10:01:00.000 | ERROR   | prefect.server.services.scheduler - schedule_deployments\n"
+        "Traceback (most recent call last):\n"
+        "sqlalchemy.exc.InvalidRequestError: Can't evaluate bulk DML statement\n"
+    )
+    (error,) = _server_errors(tmp_path)
+    assert "schedule_deployments" in error and "bulk DML" in error
 
 
 @dataclass
@@ -453,27 +485,27 @@ def _gone(pid: int) -> bool:
 
 def test_child_runs_no_worker_starts_are_sent_by_the_jobs_own_run(dead_worker):
     ops = dead_worker
-    job = create_job(ops.engine, 2400, rate=300.0, text="dead worker, large")
+    job = create_job(ops.engine, 1500, rate=300.0, text="dead worker, large")
     result = ops.pagecast("job", "run", str(job.id))
     assert result.returncode == 0, result.stderr
     finished = job_row(ops.engine, job.id)
-    assert (finished.status, finished.sent) == ("completed", 2400)
+    assert (finished.status, finished.sent) == ("completed", 1500)
     children = ops.send_job_runs(job.id)
-    assert len(children) == 3 and all(r["state"]["type"] == "SCHEDULED" for r in children)
+    assert len(children) == 2 and all(r["state"]["type"] == "SCHEDULED" for r in children)
     delivered = ops.delivered_psids("dead worker, large")
-    assert len(delivered) == len(set(delivered)) == 2400
+    assert len(delivered) == len(set(delivered)) == 1500
 
 
 def test_without_a_worker_a_large_job_run_sends_every_range_itself(without_worker):
     ops = without_worker
-    job = create_job(ops.engine, 2400, rate=300.0, text="no worker, large")
+    job = create_job(ops.engine, 1500, rate=300.0, text="no worker, large")
     result = ops.pagecast("job", "run", str(job.id))
     assert result.returncode == 0, result.stderr
     finished = job_row(ops.engine, job.id)
-    assert (finished.status, finished.sent) == ("completed", 2400)
+    assert (finished.status, finished.sent) == ("completed", 1500)
     assert ops.send_job_runs(job.id) == []  # no child run left waiting for a worker
     delivered = ops.delivered_psids("no worker, large")
-    assert len(delivered) == len(set(delivered)) == 2400
+    assert len(delivered) == len(set(delivered)) == 1500
 
 
 def test_without_a_worker_submit_says_what_the_job_waits_for_and_a_sweep_sends_it(
