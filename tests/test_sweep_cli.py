@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -146,7 +145,7 @@ def test_sweep_every_picks_up_jobs_created_later(engine, sweep_env):
         while job_row(engine, job.id).status != "completed" and time.monotonic() < deadline:
             time.sleep(0.3)
     finally:
-        process.send_signal(signal.SIGINT)
+        process.terminate()  # as a container stop does
         out, _ = process.communicate(timeout=30)
     assert recipient_counts(engine, job.id) == {"sent": 30}
     assert f"job {job.id} (due): sent here, completed" in out
