@@ -65,8 +65,7 @@ class Sweeper:
     async def sweep(self) -> None:
         """End dead runs, then start every due job; runs in this process go on in the background
         (``drain`` waits for them)."""
-        with session_scope(self.engine) as session:
-            items = sweep_jobs(session, recovery=self.recovery, limit=self.limit)
+        items = await asyncio.to_thread(self._sweep_jobs)
         to_start = [i for i in items if i.start and i.job_id not in self._here]
         for item in items:
             if not item.start:
@@ -83,6 +82,10 @@ class Sweeper:
                 task = asyncio.create_task(self._send_here(item))
                 self._here[item.job_id] = task
                 task.add_done_callback(lambda _, job_id=item.job_id: self._here.pop(job_id))
+
+    def _sweep_jobs(self) -> list[SweepItem]:
+        with session_scope(self.engine) as session:
+            return sweep_jobs(session, recovery=self.recovery, limit=self.limit)
 
     def _submit(self, api_url: str, item: SweepItem) -> None:
         run = trigger.submit(

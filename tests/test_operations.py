@@ -490,29 +490,27 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_child_runs_no_worker_starts_are_sent_by_the_jobs_own_run(dead_worker):
-    ops = dead_worker
-    job = create_job(ops.engine, 1500, rate=300.0, text="dead worker, large")
+def _job_run_sends_a_large_job_once(ops: Ops, text: str) -> uuid.UUID:
+    """``pagecast job run`` of a job of two ranges: completed, every recipient reached once."""
+    job = create_job(ops.engine, 1500, rate=300.0, text=text)
     result = ops.pagecast("job", "run", str(job.id))
     assert result.returncode == 0, result.stderr
     finished = job_row(ops.engine, job.id)
     assert (finished.status, finished.sent) == ("completed", 1500)
-    children = ops.send_job_runs(job.id)
-    assert len(children) == 2 and all(r["state"]["type"] == "SCHEDULED" for r in children)
-    delivered = ops.delivered_psids("dead worker, large")
+    delivered = ops.delivered_psids(text)
     assert len(delivered) == len(set(delivered)) == 1500
+    return job.id
+
+
+def test_child_runs_no_worker_starts_are_sent_by_the_jobs_own_run(dead_worker):
+    job_id = _job_run_sends_a_large_job_once(dead_worker, "dead worker, large")
+    children = dead_worker.send_job_runs(job_id)
+    assert len(children) == 2 and all(r["state"]["type"] == "SCHEDULED" for r in children)
 
 
 def test_without_a_worker_a_large_job_run_sends_every_range_itself(without_worker):
-    ops = without_worker
-    job = create_job(ops.engine, 1500, rate=300.0, text="no worker, large")
-    result = ops.pagecast("job", "run", str(job.id))
-    assert result.returncode == 0, result.stderr
-    finished = job_row(ops.engine, job.id)
-    assert (finished.status, finished.sent) == ("completed", 1500)
-    assert ops.send_job_runs(job.id) == []  # no child run left waiting for a worker
-    delivered = ops.delivered_psids("no worker, large")
-    assert len(delivered) == len(set(delivered)) == 1500
+    job_id = _job_run_sends_a_large_job_once(without_worker, "no worker, large")
+    assert without_worker.send_job_runs(job_id) == []  # no child run left waiting for a worker
 
 
 def test_without_a_worker_submit_says_what_the_job_waits_for_and_a_sweep_sends_it(
