@@ -11,7 +11,7 @@ install:
 	@$(UV) sync --frozen --quiet
 
 test: install
-	$(UV) run --frozen pytest -n 2 --dist loadfile
+	$(UV) run --frozen pytest
 
 lint: install
 	$(UV) run --frozen ruff check .

@@ -99,11 +99,11 @@ class Ops:
             time.sleep(0.5)
         raise AssertionError(f"timed out waiting for {what}")
 
-    def pagecast(self, *args: str) -> subprocess.CompletedProcess:
+    def pagecast(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "pagecast", *args],
             cwd=PROJECT_DIR,
-            env=self.env,
+            env=self.env | env,
             capture_output=True,
             text=True,
             timeout=300,
@@ -154,7 +154,6 @@ def ops(tmp_path_factory, server_url, template_database):
             "PAGECAST_LEASE_SECONDS": str(LEASE_SECONDS),
             "PAGECAST_CHUNK_SIZE": "50",
             "PAGECAST_SHARD_SIZE": "1000",
-            "PAGECAST_CHILD_PICKUP_SECONDS": "15",
             "PAGECAST_NOTIFY_URL": f"http://127.0.0.1:{receiver.server_port}/hook",
             "PREFECT_HOME": str(home / "prefect"),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -493,7 +492,7 @@ def _gone(pid: int) -> bool:
 def _job_run_sends_a_large_job_once(ops: Ops, text: str) -> uuid.UUID:
     """``pagecast job run`` of a job of two ranges: completed, every recipient reached once."""
     job = create_job(ops.engine, 1500, rate=300.0, text=text)
-    result = ops.pagecast("job", "run", str(job.id))
+    result = ops.pagecast("job", "run", str(job.id), PAGECAST_CHILD_PICKUP_SECONDS="15")
     assert result.returncode == 0, result.stderr
     finished = job_row(ops.engine, job.id)
     assert (finished.status, finished.sent) == ("completed", 1500)
