@@ -30,7 +30,7 @@ from tests.engine import PAGE, create_job, job_row, recipient_counts
 
 TOKEN = "ops-test-token"
 LEASE_SECONDS = 6
-WAIT_SECONDS = 120
+WAIT_SECONDS = 240  # a loaded 2-core machine can take ~50 s to start a flow run process
 SCHEDULE_WAIT_SECONDS = 150  # the sweep's cron fires every minute; a run then starts in seconds
 
 
