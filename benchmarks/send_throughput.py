@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from pagecast import db, repo
 from pagecast.audience import recipients_from_psids
 from pagecast.graph import GraphClient
@@ -43,6 +45,17 @@ async def _reference(url: str, count: int, concurrency: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+def _count_statements(engine: sa.Engine) -> list[int]:
+    """A counter of the statements ``engine`` runs from now on (round trips to the database)."""
+    count = [0]
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _count(*_args: object) -> None:
+        count[0] += 1
+
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipients", type=int, default=10_000)
@@ -70,6 +83,7 @@ def main() -> None:
                     ),
                 ).job
             run_settings = settings.model_copy(update={"graph_api_url": url})
+            statements = _count_statements(engine)
             started = time.perf_counter()
             finished = asyncio.run(
                 run_in_process(engine, run_settings, job_id=job.id, token_for=lambda _page: "bench")
@@ -89,6 +103,10 @@ def main() -> None:
     print(f"pagecast / reference:        {achieved / reference:.3f}")
     print(
         f"peak msgs in any 1 s window: {stats['pages'][PAGE_ID]['max_per_second']}, duplicates {stats['duplicates']}"
+    )
+    print(
+        f"database statements: {statements[0]} = {statements[0] / finished.sent:.4f} per message, "
+        f"{statements[0] / elapsed:.1f} per second"
     )
 
 

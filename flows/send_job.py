@@ -20,12 +20,12 @@ from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
 from prefect.states import State
 
 from pagecast import commands, lifecycle, repo, shards, trigger
-from pagecast.chunks import ChunkBounds
+from pagecast.chunks import ChunkBounds, ChunkResult
 from pagecast.db import ready_engine, session_scope
 from pagecast.errors import MissingPageToken
-from pagecast.lifecycle import Lease
+from pagecast.faults import crash_point
+from pagecast.leases import Lease
 from pagecast.models import JobStatus, SendJob
-from pagecast.outcomes import ChunkResult
 from pagecast.reports import job_summary_rows, waiting_for
 from pagecast.runner import JobRun
 from pagecast.settings import get_settings
@@ -35,6 +35,7 @@ from tasks.tokens import page_token
 
 SEND_JOB_DEPLOYMENT = "send-job/send-job"
 SUPERVISE_SECONDS = 2.0
+PROGRESS_SECONDS = 2.0
 
 
 def request_cancel(flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -113,6 +114,7 @@ def _send_chunks(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID | 
         )
 
     in_flight = [submit(bounds) for bounds in run.next_chunks(parallel)]
+    reported_at = time.monotonic()
     while in_flight:
         done = next(as_completed(in_flight))
         in_flight.remove(done)
@@ -124,8 +126,9 @@ def _send_chunks(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID | 
             raise
         run.absorb([result])
         in_flight += [submit(bounds) for bounds in run.next_chunks(parallel - len(in_flight))]
-        if progress is not None:
+        if progress is not None and time.monotonic() - reported_at >= PROGRESS_SECONDS:
             update_progress_artifact(progress, _percent(run.job_state()))
+            reported_at = time.monotonic()
 
 
 def _send_range(parent: JobRun, shard: int) -> None:
@@ -178,6 +181,7 @@ def _supervise_shards(run: JobRun, progress: uuid.UUID) -> None:
                 as_subflow=False,
             )
         update_progress_artifact(progress, _percent(job))
+        crash_point("supervisor")
         if state.unfinished == 0 or (not active and state.running == 0):
             with session_scope(run.engine) as session:
                 shards.release_stale(session, job_id=run.job_id, lease_seconds=lease_seconds)
@@ -200,37 +204,48 @@ def _log_unclaimable(run: JobRun) -> None:
 
 def _send_whole_job(run: JobRun, lease: Lease) -> SendJob:
     """The job's own run: send it (or supervise child runs over its ranges) and settle it."""
-    logger = get_run_logger()
     job = run.job_state()
     progress = create_progress_artifact(
         _percent(job), key=f"pagecast-job-{job.id}-progress", description=f"job {job.id}"
     )
     with run.heartbeat(), run.failing_on_error():
-        try:
-            page_token(job.page_id)
-        except MissingPageToken as exc:
-            with session_scope(run.engine) as session:
-                lifecycle.stop_running_job(
-                    session, lease=lease, status=JobStatus.FAILED, reason=str(exc)
-                )
-        large = job.total > run.settings.shard_size
-        blocker = _why_no_child_runs() if large else None
-        ranges = 0
-        if large and blocker is None:
-            with session_scope(run.engine) as session:
-                ranges = shards.ensure_shards(
-                    session, job_id=job.id, shard_size=run.settings.shard_size
-                )
-        if ranges:
-            logger.info("job %s is sent by %d child runs", job.id, ranges)
-            _supervise_shards(run, progress)
-        else:
-            if blocker is not None:
-                logger.warning("job %s is sent by this run alone: %s", job.id, blocker)
-            _send_chunks(run, job, lease, progress)
+        if _has_token(run, lease, job):
+            _send_or_supervise(run, job, lease, progress)
     job = run.finish()
     update_progress_artifact(progress, _percent(job))
     return job
+
+
+def _has_token(run: JobRun, lease: Lease, job: SendJob) -> bool:
+    """Whether the page's token is configured; without it the job is stopped ``failed``."""
+    try:
+        page_token(job.page_id)
+    except MissingPageToken as exc:
+        with session_scope(run.engine) as session:
+            lifecycle.stop_running_job(
+                session, lease=lease, status=JobStatus.FAILED, reason=str(exc)
+            )
+        return False
+    return True
+
+
+def _send_or_supervise(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID) -> None:
+    logger = get_run_logger()
+    large = job.total > run.settings.shard_size
+    blocker = _why_no_child_runs() if large else None
+    ranges = 0
+    if large and blocker is None:
+        with session_scope(run.engine) as session:
+            ranges = shards.ensure_shards(
+                session, job_id=job.id, shard_size=run.settings.shard_size
+            )
+    if ranges:
+        logger.info("job %s is sent by %d child runs", job.id, ranges)
+        _supervise_shards(run, progress)
+    else:
+        if blocker is not None:
+            logger.warning("job %s is sent by this run alone: %s", job.id, blocker)
+        _send_chunks(run, job, lease, progress)
 
 
 @flow(name="send-job", on_cancellation=[request_cancel])
@@ -257,8 +272,10 @@ def send_job(job_id: uuid.UUID, shard: int | None = None) -> dict[str, Any]:
         with session_scope(engine) as session:
             _announce(repo.get_job(session, job_id=job_id))
         raise
+    with session_scope(engine) as session:
+        errors = repo.error_counts(session, job_id=job_id)
     create_table_artifact(
-        job_summary_rows(job), key=f"pagecast-job-{job_id}", description=f"job {job_id}"
+        job_summary_rows(job, errors), key=f"pagecast-job-{job_id}", description=f"job {job_id}"
     )
     _announce(job)
     get_run_logger().info("job %s ended %s", job_id, job.status)

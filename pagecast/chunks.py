@@ -1,34 +1,47 @@
-"""Sending one chunk of a job: claim its pending rows, send them paced and concurrently, record
-every outcome and the job's counters in one transaction.
+"""Sending one chunk of a job: claim its rows, then for each one mark it ``sending``, wait for the
+page's send slot and a connection, call, and hand the answer to the run's recorder.
 
 A chunk is named by keyset bounds over the job's PSIDs (``after`` < psid ≤ ``last``), so a task
-receives two strings, never a list of recipients.
+receives two strings, never a list of recipients. What a row goes through is in
+``pagecast.recipients``; how marks and answers reach the database, in ``pagecast.recorder``.
+
+At most ``MARK_AHEAD_SECONDS`` × rate rows are marked ahead of a connection, and at most the
+job's concurrency are in flight: with the recorder's flush interval that bounds how many rows a
+crash can leave ``unknown``.
 """
 
 import asyncio
 import math
 import random
+import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from pagecast import lifecycle, recipients
+from pagecast.db import retrying
 from pagecast.errors import (
     AmbiguousDelivery,
     GraphError,
     JobFatalGraphError,
-    JobNotFound,
     RecipientGraphError,
     ThrottledError,
     TransientGraphError,
 )
+from pagecast.faults import crash_point
 from pagecast.graph import OUTSIDE_WINDOW, GraphClient
-from pagecast.lifecycle import Lease, fence_sql, lease_params
+from pagecast.leases import Lease
 from pagecast.models import MAX_TEXT_LENGTH, JobStatus, MessagingType, RecipientStatus, SendJob
-from pagecast.outcomes import ChunkResult, Outcome, record_outcomes
 from pagecast.ratelimit import Pacer
+from pagecast.recipients import Claimed, Outcome
+from pagecast.recorder import Recorder, shared_recorder
+from pagecast.repo import get_job
 from pagecast.validation import render_text
 
 TRANSIENT_TRIES = 6
@@ -36,7 +49,7 @@ UNEXPECTED_ERROR_TRIES = 4  # code 2 also means "the user blocked the page": onl
 THROTTLE_TRIES = 20
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 4.0
-CONTROL_POLL_SECONDS = 1.0
+MARK_AHEAD_SECONDS = 0.25
 TEXT_TOO_LONG = "rendered_text_too_long"
 
 
@@ -53,12 +66,11 @@ def next_chunk_bounds(
     *,
     job_id: uuid.UUID,
     after: str,
-    chunk_size: int,
-    chunks: int,
+    sizes: list[int],
     until: str | None = None,
 ) -> list[ChunkBounds]:
-    """Bounds of up to ``chunks`` chunks of pending recipients after ``after`` (and at most
-    ``until``), by keyset paging."""
+    """Bounds of the next chunks of pending recipients after ``after`` (and at most ``until``), of
+    ``sizes`` recipients each (fewer at the end), by keyset paging."""
     psids = (
         session.execute(
             sa.text(
@@ -66,43 +78,54 @@ def next_chunk_bounds(
                 "AND psid > :after AND (CAST(:until AS text) IS NULL OR psid <= :until) "
                 "ORDER BY psid LIMIT :limit"
             ),
-            {"job_id": job_id, "after": after, "until": until, "limit": chunk_size * chunks},
+            {"job_id": job_id, "after": after, "until": until, "limit": sum(sizes)},
         )
         .scalars()
         .all()
     )
-    bounds, start = [], after
-    for index in range(0, len(psids), chunk_size):
-        last = psids[min(index + chunk_size, len(psids)) - 1]
-        bounds.append(ChunkBounds(after=start, last=last))
-        start = last
+    bounds, start, index = [], after, 0
+    for size in sizes:
+        if index >= len(psids):
+            break
+        index = min(index + size, len(psids))
+        bounds.append(ChunkBounds(after=start, last=psids[index - 1]))
+        start = psids[index - 1]
     return bounds
 
 
-@dataclass(frozen=True)
-class _Claimed:
-    psid: str
-    text: str
-    outside_window: bool
+@dataclass
+class ChunkResult:
+    """Counts of one chunk, and why it stopped early if it did."""
 
+    sent: int = 0
+    failed: int = 0
+    skipped: int = 0
+    unknown: int = 0
+    requeued: int = 0
+    permanent_failures: int = 0
+    fatal_error: str | None = None
+    stopped: bool = False
+    by_code: dict[str, int] = field(default_factory=dict)
 
-def _claim_rows_sql(lease: Lease) -> sa.TextClause:
-    return sa.text(
-        f"""
-        WITH claimed AS (
-            UPDATE send_job_recipients r SET status = 'sending', attempts = r.attempts + 1
-            FROM send_jobs j
-            WHERE r.job_id = :job_id AND {fence_sql(lease, "j")}
-              AND j.status = 'running' AND NOT j.cancel_requested
-              AND r.status = 'pending' AND r.psid > :after AND r.psid <= :last
-            RETURNING r.psid, r.first_name, r.last_name, j.page_id
+    @classmethod
+    def of(cls, outcomes: list[Outcome], fatal: GraphError | None, stopped: bool) -> "ChunkResult":
+        counts = Counter(o.status for o in outcomes)
+        return cls(
+            sent=counts[RecipientStatus.SENT],
+            failed=counts[RecipientStatus.FAILED],
+            skipped=counts[RecipientStatus.SKIPPED],
+            unknown=counts[RecipientStatus.UNKNOWN],
+            requeued=counts[RecipientStatus.PENDING],
+            permanent_failures=sum(
+                1 for o in outcomes if o.status == RecipientStatus.FAILED and not o.retryable
+            ),
+            fatal_error=None if fatal is None else f"{fatal.code_key}: {fatal.message}",
+            stopped=stopped,
+            by_code=dict(Counter(key for o in outcomes if (key := o.key) is not None)),
         )
-        SELECT c.psid, COALESCE(c.first_name, ct.first_name), COALESCE(c.last_name, ct.last_name),
-               COALESCE(ct.last_interaction_at < now() - interval '24 hours', false)
-        FROM claimed c LEFT JOIN contacts ct ON ct.page_id = c.page_id AND ct.psid = c.psid
-        ORDER BY c.psid
-        """
-    )
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
 
 
 def _backoff(tries: int) -> float:
@@ -116,39 +139,50 @@ class _Retry:
 
 
 class ChunkSender:
-    """Sends one chunk's claimed recipients within the job's concurrency and the page's rate.
+    """Sends one chunk's claimed recipients within its share of the job's concurrency and the
+    page's rate, every call written ahead (``recorder.mark``) and its answer handed back.
 
     Throttled calls wait for the page's slowed-down schedule; other transient failures back off
     exponentially (with jitter), up to ``TRANSIENT_TRIES`` calls (``UNEXPECTED_ERROR_TRIES`` code 2
-    answers), then fail as retryable. A job-fatal error, a cancel or pause request, or a lost lease
-    stops the chunk: recipients not yet called go back to ``pending``."""
+    answers), then fail as retryable. A job-fatal error, a stop of the run (pause, cancel, lost
+    lease, a database it cannot record in) ends the chunk: recipients not called go back to
+    ``pending``. One recipient's failure, of any kind, never costs another its outcome."""
 
     def __init__(
         self,
-        engine: sa.Engine,
         *,
-        lease: Lease,
         job: SendJob,
         client: GraphClient,
+        pacer: Pacer,
+        recorder: Recorder,
         concurrency: int,
+        mark_ahead: int,
     ) -> None:
-        self._engine = engine
-        self._lease = lease
         self._job = job
         self._client = client
-        self._slots = asyncio.Semaphore(concurrency)
-        self._stop = asyncio.Event()
-        self._pacer = Pacer(engine, page_id=job.page_id, rate=job.rate_per_second, expected=0)
+        self._pacer = pacer
+        self._recorder = recorder
+        self._permits = asyncio.Semaphore(concurrency)
+        self._ahead = asyncio.Semaphore(mark_ahead)
         self.fatal: JobFatalGraphError | None = None
-        self.stopped = False
+        self.error: BaseException | None = None
+        self.outcomes: list[Outcome] = []
 
-    async def _attempt(self, recipient: _Claimed, calls: int) -> Outcome | _Retry:
+    def _stopping(self) -> bool:
+        return self.fatal is not None or self._recorder.stopping
+
+    def _settle(self, outcome: Outcome) -> None:
+        self._recorder.record(outcome)
+        if outcome.status != RecipientStatus.CLAIMED:
+            self.outcomes.append(outcome)
+
+    async def _attempt(self, recipient: Claimed, text: str) -> Outcome | _Retry:
         job, psid = self._job, recipient.psid
         try:
             result = await self._client.send_text(
                 page_id=job.page_id,
                 psid=psid,
-                text=recipient.text,
+                text=text,
                 messaging_type=job.messaging_type,
                 tag=job.tag,
             )
@@ -159,31 +193,45 @@ class ChunkSender:
             return _Retry(exc, throttled=False)
         except RecipientGraphError as exc:
             status = RecipientStatus.SKIPPED if exc.skip_reason else RecipientStatus.FAILED
-            return Outcome(psid, status, calls, error=exc, reason=exc.skip_reason)
+            return Outcome(psid, status, error=exc, reason=exc.skip_reason)
         except JobFatalGraphError as exc:
             self.fatal = self.fatal or exc
-            self._stop.set()
-            return Outcome(psid, RecipientStatus.PENDING, calls)
+            return Outcome(psid, RecipientStatus.PENDING)
         except AmbiguousDelivery as exc:
             if job.resend_unknown:
-                return Outcome(psid, RecipientStatus.PENDING, calls)
-            return Outcome(psid, RecipientStatus.UNKNOWN, calls, error=exc)
+                return Outcome(psid, RecipientStatus.PENDING)
+            return Outcome(psid, RecipientStatus.UNKNOWN, error=exc)
+        crash_point("answer")
         await self._pacer.observe_usage(result.usage_percent)
-        return Outcome(psid, RecipientStatus.SENT, calls, message_id=result.message_id)
+        return Outcome(psid, RecipientStatus.SENT, message_id=result.message_id)
 
-    async def _deliver(self, recipient: _Claimed) -> Outcome:
-        calls = transient = unexpected = throttled = 0
+    async def _call(self, recipient: Claimed, text: str) -> Outcome | _Retry | None:
+        """Mark, wait for the slot and a connection, call; ``None`` when the chunk stopped first
+        (the row was not called)."""
+        async with self._ahead:
+            if self._stopping() or not await self._recorder.mark(recipient.psid):
+                return None
+            await self._pacer.wait_for_slot()
+            slot_passed_at = time.monotonic()
+            await self._permits.acquire()
+        try:
+            if time.monotonic() - slot_passed_at > 1.0 / self._job.rate_per_second:
+                self._pacer.expect(1)
+                await self._pacer.wait_for_slot()  # waited for a connection: no burst
+            if self._stopping():
+                return None
+            return await self._attempt(recipient, text)
+        finally:
+            self._permits.release()
+
+    async def _deliver(self, recipient: Claimed, text: str) -> None:
+        transient = unexpected = throttled = 0
         while True:
-            async with self._slots:
-                if self._stop.is_set():
-                    return Outcome(recipient.psid, RecipientStatus.PENDING, calls)
-                await self._pacer.wait_for_slot()
-                if self._stop.is_set():
-                    return Outcome(recipient.psid, RecipientStatus.PENDING, calls)
-                calls += 1
-                result = await self._attempt(recipient, calls)
+            result = await self._call(recipient, text)
+            if result is None:
+                return self._settle(Outcome(recipient.psid, RecipientStatus.PENDING))
             if isinstance(result, Outcome):
-                return result
+                return self._settle(result)
             if result.throttled:
                 throttled += 1
                 exhausted, wait = throttled >= THROTTLE_TRIES, 0.0
@@ -193,77 +241,74 @@ class ChunkSender:
                 exhausted = transient >= TRANSIENT_TRIES or unexpected >= UNEXPECTED_ERROR_TRIES
                 wait = _backoff(transient)
             if exhausted:
-                return Outcome(
-                    recipient.psid,
-                    RecipientStatus.FAILED,
-                    calls,
-                    error=result.error,
-                    retryable=True,
+                failed = Outcome(
+                    recipient.psid, RecipientStatus.FAILED, error=result.error, retryable=True
                 )
-            self._pacer.expect_more()
+                return self._settle(failed)
+            self._settle(Outcome(recipient.psid, RecipientStatus.CLAIMED))
+            self._pacer.expect(1)
             await asyncio.sleep(wait)
 
-    def _should_stop(self) -> bool:
-        lease = self._lease
-        with self._engine.connect() as connection:
-            status, cancel_requested, ours = connection.execute(
-                sa.text(
-                    f"SELECT status, cancel_requested, {fence_sql(lease)} FROM send_jobs "
-                    "WHERE id = :job_id"
-                ),
-                lease_params(lease),
-            ).one()
-        return status != JobStatus.RUNNING or cancel_requested or not ours
-
-    async def _watch(self) -> None:
-        while not self._stop.is_set():
-            await asyncio.sleep(CONTROL_POLL_SECONDS)
-            if await asyncio.to_thread(self._should_stop):
-                self.stopped = True
-                self._stop.set()
-
-    async def run(self, recipients: list[_Claimed]) -> list[Outcome]:
-        """Send to every recipient that needs a call; returns one outcome per recipient."""
-        outcomes, to_send = [], []
-        for recipient in recipients:
-            if recipient.outside_window:
-                outcomes.append(
-                    Outcome(recipient.psid, RecipientStatus.SKIPPED, 0, reason=OUTSIDE_WINDOW)
-                )
-            elif len(recipient.text) > MAX_TEXT_LENGTH:
-                outcomes.append(
-                    Outcome(recipient.psid, RecipientStatus.FAILED, 0, reason=TEXT_TOO_LONG)
-                )
-            else:
-                to_send.append(recipient)
-        self._pacer.expect_more(len(to_send))
-        watcher = asyncio.create_task(self._watch())
+    async def _guarded(self, recipient: Claimed, text: str) -> None:
         try:
-            outcomes.extend(await asyncio.gather(*(self._deliver(r) for r in to_send)))
-        finally:
-            watcher.cancel()
-        return outcomes
+            await self._deliver(recipient, text)
+        except Exception as error:  # not a call's failure (those are Graph errors): not sent
+            self.error = self.error or error
+            self._settle(Outcome(recipient.psid, RecipientStatus.PENDING))
+
+    async def run(self, claimed: list[Claimed]) -> None:
+        """Send to every claimed recipient that needs a call and hand every outcome to the
+        recorder (the run drains it before it ends); after an unexpected error, waits until every
+        outcome is recorded and re-raises the first."""
+        windowed = self._job.messaging_type != MessagingType.MESSAGE_TAG
+        to_send = []
+        for recipient in claimed:
+            text = render_text(
+                self._job.text, first_name=recipient.first_name, last_name=recipient.last_name
+            )
+            if windowed and recipient.outside_window:
+                self._settle(
+                    Outcome(recipient.psid, RecipientStatus.SKIPPED, reason=OUTSIDE_WINDOW)
+                )
+            elif len(text) > MAX_TEXT_LENGTH:
+                self._settle(Outcome(recipient.psid, RecipientStatus.FAILED, reason=TEXT_TOO_LONG))
+            else:
+                to_send.append((recipient, text))
+        self._pacer.expect(len(to_send))
+        await asyncio.gather(*(self._guarded(r, text) for r, text in to_send))
+        if self.error is not None:
+            await self._recorder.drain()  # a retry of the chunk must find every answer recorded
+            raise self.error
+
+
+_pacers: dict[tuple[str, str, float], Pacer] = {}
+
+
+def _pacer(engine: sa.Engine, job: SendJob) -> Pacer:
+    """The process's pacer for the job's page at the job's rate, shared by its chunks and runs."""
+    key = (str(engine.url), job.page_id, job.rate_per_second)
+    if key not in _pacers:
+        _pacers[key] = Pacer(engine, page_id=job.page_id, rate=job.rate_per_second)
+    return _pacers[key]
+
+
+@lru_cache(maxsize=64)
+def _job(engine: sa.Engine, lease: Lease) -> SendJob:
+    """The job as its run sends it (a run never changes what it sends), read once per process."""
+    with Session(engine, expire_on_commit=False) as session:
+        return get_job(session, job_id=lease.job_id)
 
 
 def _claim(
-    session: Session, *, lease: Lease, bounds: ChunkBounds
-) -> tuple[SendJob, list[_Claimed]]:
-    job = session.get(SendJob, lease.job_id, populate_existing=True)
-    if job is None:
-        raise JobNotFound(lease.job_id)
-    rows = session.execute(
-        _claim_rows_sql(lease), lease_params(lease) | {"after": bounds.after, "last": bounds.last}
-    ).all()
-    windowed = job.messaging_type != MessagingType.MESSAGE_TAG
-    claimed = [
-        _Claimed(
-            psid=psid,
-            text=render_text(job.text, first_name=first, last_name=last),
-            outside_window=windowed and outside,
-        )
-        for psid, first, last, outside in rows
-    ]
-    return job, claimed
+    engine: sa.Engine, lease: Lease, bounds: ChunkBounds, give_up_after: float
+) -> tuple[SendJob, list[Claimed]]:
+    def work() -> tuple[SendJob, list[Claimed]]:
+        job = _job(engine, lease)
+        with Session(engine) as session, session.begin():
+            claimed = recipients.claim(session, lease=lease, after=bounds.after, last=bounds.last)
+        return job, claimed
+
+    return retrying(work, give_up_after=give_up_after)
 
 
 async def send_chunk(
@@ -273,20 +318,36 @@ async def send_chunk(
     bounds: ChunkBounds,
     client_factory: Callable[[int], GraphClient],
     chunks_in_flight: int = 1,
+    give_up_after: float = 60.0,
 ) -> ChunkResult:
-    """Claim the chunk's pending rows, send them, and record the outcomes (see module docstring).
-
-    The job's concurrency is shared by the ``chunks_in_flight`` chunks its run sends at once;
-    ``client_factory(concurrency)`` builds the Graph client for this chunk's share."""
-    with Session(engine, expire_on_commit=False) as session, session.begin():
-        job, claimed = _claim(session, lease=lease, bounds=bounds)
+    """Claim the chunk's rows and send them (see the module docstring). A job-fatal answer stops
+    the job ``failed``. The job's concurrency and mark-ahead budget are shared by the
+    ``chunks_in_flight`` chunks its run sends at once; ``client_factory(concurrency)`` builds the
+    Graph client for this chunk's share. Database work retries for ``give_up_after`` seconds."""
+    job, claimed = await asyncio.to_thread(_claim, engine, lease, bounds, give_up_after)
+    crash_point("chunk-claimed")
     if not claimed:
         return ChunkResult()
     concurrency = max(1, math.ceil(job.concurrency / chunks_in_flight))
-    async with client_factory(concurrency) as client:
-        sender = ChunkSender(engine, lease=lease, job=job, client=client, concurrency=concurrency)
-        outcomes = await sender.run(claimed)
-    with Session(engine, expire_on_commit=False) as session, session.begin():
-        result = record_outcomes(session, lease=lease, outcomes=outcomes, fatal=sender.fatal)
-    result.stopped = sender.stopped
-    return result
+    mark_ahead = math.ceil(job.rate_per_second * MARK_AHEAD_SECONDS / chunks_in_flight) + 1
+    with shared_recorder(engine, lease, give_up_after=give_up_after) as recorder:
+        async with client_factory(concurrency) as client:
+            sender = ChunkSender(
+                job=job,
+                client=client,
+                pacer=_pacer(engine, job),
+                recorder=recorder,
+                concurrency=concurrency,
+                mark_ahead=mark_ahead,
+            )
+            await sender.run(claimed)
+        stopped = recorder.stopping
+    if sender.fatal is not None:
+        reason = f"{sender.fatal.code_key}: {sender.fatal.message}"
+        await asyncio.to_thread(_stop_failed, engine, lease, reason)
+    return ChunkResult.of(sender.outcomes, sender.fatal, stopped)
+
+
+def _stop_failed(engine: sa.Engine, lease: Lease, reason: str) -> None:
+    with Session(engine) as session, session.begin():
+        lifecycle.stop_running_job(session, lease=lease, status=JobStatus.FAILED, reason=reason)

@@ -11,14 +11,10 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from pagecast.errors import JobStateConflict
-from pagecast.lifecycle import (
-    Lease,
-    Recovery,
-    cancel_now,
-    finish_job,
-    pending_count,
-)
+from pagecast.leases import Lease
+from pagecast.lifecycle import Recovery, cancel_now, finish_job
 from pagecast.models import JobStatus, SendJob
+from pagecast.recipients import pending_count, requeue
 from pagecast.repo import get_job
 
 _START_BLOCKERS = {
@@ -130,26 +126,7 @@ def requeue_job(session: Session, *, job_id: uuid.UUID, include_unknown: bool = 
     job = get_job(session, job_id=job_id, for_update=True)
     if job.status in (JobStatus.RUNNING, JobStatus.PENDING, JobStatus.CANCELLED):
         raise JobStateConflict(job_id, job.status, "only ended or paused jobs can be retried")
-    failed, unknown = session.execute(
-        sa.text(
-            """
-            WITH chosen AS (
-                SELECT psid, status FROM send_job_recipients
-                WHERE job_id = :job_id
-                  AND ((status = 'failed' AND retryable) OR (status = 'unknown' AND :include_unknown))
-                FOR UPDATE
-            ), requeued AS (
-                UPDATE send_job_recipients r SET status = 'pending', error_code = NULL,
-                    error_subcode = NULL, error_message = NULL, retryable = false
-                FROM chosen c WHERE r.job_id = :job_id AND r.psid = c.psid
-                RETURNING c.status
-            )
-            SELECT count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'unknown')
-            FROM requeued
-            """
-        ),
-        {"job_id": job_id, "include_unknown": include_unknown},
-    ).one()
+    failed, unknown = requeue(session, job_id=job_id, include_unknown=include_unknown)
     if pending_count(session, job_id) == 0:
         hint = (
             ""
@@ -160,11 +137,10 @@ def requeue_job(session: Session, *, job_id: uuid.UUID, include_unknown: bool = 
     reopen_ranges(session, job_id=job_id)
     session.execute(
         sa.text(
-            "UPDATE send_jobs SET status = 'pending', failed = failed - :failed, "
-            "unknown = unknown - :unknown, finished_at = NULL, last_error = NULL, "
+            "UPDATE send_jobs SET status = 'pending', finished_at = NULL, last_error = NULL, "
             "stalled_runs = 0, next_attempt_at = NULL, waiting_for = NULL WHERE id = :job_id"
         ),
-        {"job_id": job_id, "failed": failed, "unknown": unknown},
+        {"job_id": job_id},
     )
     return Requeued(failed=failed, unknown=unknown)
 

@@ -7,11 +7,13 @@ the others, and stopped when the last of them exits.
 
 import io
 import logging
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -26,6 +28,9 @@ from pagecast.settings import Settings
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _OFFLINE_URL = "postgresql+psycopg://"
 _POOL_SIZE = 10
+RETRY_FIRST_SECONDS = 0.1
+RETRY_MAX_SECONDS = 2.0
+T = TypeVar("T")
 
 
 def embedded_database_url(home: Path) -> str:
@@ -47,14 +52,39 @@ def database_url(settings: Settings) -> str:
 
 
 @lru_cache(maxsize=8)
-def engine_for(url: str) -> sa.Engine:
-    """One pooled engine per database URL."""
-    return sa.create_engine(url, pool_size=_POOL_SIZE, pool_pre_ping=True)
+def engine_for(url: str, statement_timeout: float = 30.0, lock_timeout: float = 10.0) -> sa.Engine:
+    """One pooled engine per database URL; every connection has ``statement_timeout`` and
+    ``lock_timeout`` (seconds, 0 for none), so no statement waits on a lock forever."""
+    options = (
+        f"-c statement_timeout={int(statement_timeout * 1000)} "
+        f"-c lock_timeout={int(lock_timeout * 1000)}"
+    )
+    return sa.create_engine(
+        url, pool_size=_POOL_SIZE, pool_pre_ping=True, connect_args={"options": options}
+    )
 
 
 def get_engine(settings: Settings) -> sa.Engine:
     """The engine for the configured database."""
-    return engine_for(database_url(settings))
+    return engine_for(
+        database_url(settings), settings.statement_timeout_seconds, settings.lock_timeout_seconds
+    )
+
+
+def retrying(work: Callable[[], T], *, give_up_after: float) -> T:
+    """``work()``, run again with exponential backoff while the database is unreachable or a
+    statement times out (``OperationalError``), for at most ``give_up_after`` seconds; ``work``
+    must be one transaction, safe to repeat."""
+    deadline = time.monotonic() + give_up_after
+    pause = RETRY_FIRST_SECONDS
+    while True:
+        try:
+            return work()
+        except sa.exc.OperationalError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(RETRY_MAX_SECONDS, pause * 2)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ Exception tree::
     ├── IdempotencyConflict        an idempotency key already names a job with other parameters
     ├── MissingPageToken           no access token is configured for a page
     ├── LeaseLost                  another runner owns the job now; this one must stop writing and sending
+    ├── RunStopped                 the run cannot go on safely (it cannot record, or its heartbeat failed)
     ├── InvalidInput               bad input; nothing was written or sent
     │   ├── InvalidField           one field breaks a rule (``field`` names it, ``limit`` gives the bound)
     │   └── InvalidAudience        the recipients file or filter cannot give a valid audience
@@ -94,6 +95,17 @@ class LeaseLost(PagecastError):
     def __init__(self, job_id: object) -> None:
         super().__init__(f"job {job_id}: the lease was taken over by another runner")
         self.job_id = job_id
+
+
+class RunStopped(PagecastError):
+    """The run stopped sending because it could not go on safely: it cannot record outcomes (the
+    database is unreachable), or it cannot renew its lease. What it sent is recorded or ``unknown``;
+    the rest is sent by the next run."""
+
+    def __init__(self, job_id: object, reason: str) -> None:
+        super().__init__(f"job {job_id}: the run stopped sending: {reason}")
+        self.job_id = job_id
+        self.reason = reason
 
 
 class GraphError(PagecastError):
@@ -186,6 +198,7 @@ __all__ = [
     "MissingPageToken",
     "PagecastError",
     "RecipientGraphError",
+    "RunStopped",
     "ThrottledError",
     "TransientGraphError",
 ]

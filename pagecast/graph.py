@@ -163,6 +163,8 @@ class GraphClient:
             ):
                 raise TransientGraphError(f"not sent: {type(cause).__name__}") from exc
             raise AmbiguousDelivery(f"no response: {type(cause).__name__}") from exc
+        except Exception as exc:  # the transport failed in a way it should not: maybe sent
+            raise AmbiguousDelivery(f"no response: {type(exc).__name__}: {exc}") from exc
         try:
             payload = response.json()
         except ValueError:

@@ -118,9 +118,11 @@ def watch(
             time.sleep(POLL_SECONDS)
 
 
-def summary_table(job: SendJob) -> Table:
+def summary_table(engine: sa.Engine, job: SendJob) -> Table:
     """The job's summary as a rich table."""
+    with Session(engine) as session:
+        errors = repo.error_counts(session, job_id=job.id)
     table = Table("", "count", "detail", title=f"job {job.id}")
-    for row in job_summary_rows(job):
+    for row in job_summary_rows(job, errors):
         table.add_row(row["item"], str(row["value"]), str(row["detail"]))
     return table

@@ -4,8 +4,9 @@ the end states. What an operator does to a job is in ``pagecast.commands``.
 A runner owns a job through its lease (``lease_owner`` + ``attempt``), or one shard of a large job
 through the shard's lease (see ``pagecast.shards``). The claim is one conditional UPDATE; every
 later write of the runner is fenced by those values, so a runner that lost its lease can neither
-write nor send again. Recipients a dead runner left ``sending`` become ``unknown``
-(never silently resent), or ``pending`` when the job has ``resend_unknown``.
+write nor send again. What a dead runner left behind is settled by ``recipients.release``: claimed
+recipients were never called and are ``pending`` again; ``sending`` ones become ``unknown`` (never
+silently resent), or ``pending`` when the job has ``resend_unknown``.
 
 A run that ends with recipients still pending (its runner died, or it stopped early) puts the job
 back to ``pending``. Runs that end without progress (no recipient sent, failed or skipped since the
@@ -20,21 +21,14 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from pagecast.errors import LeaseLost
+from pagecast.faults import crash_point
+from pagecast.leases import Lease, fence_sql, lease_params
 from pagecast.models import JobStatus, SendJob
+from pagecast.recipients import cancel_pending, pending_count, release
 from pagecast.repo import get_job
 from pagecast.settings import Settings
 
 CANCELLED_REASON = "job_cancelled"
-
-
-@dataclass(frozen=True)
-class Lease:
-    """Proof that a runner owns a job: every write it makes is fenced by these values."""
-
-    job_id: uuid.UUID
-    owner: str
-    attempt: int
-    shard: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,65 +96,19 @@ _END_RUN = """
     WHERE {where}
     RETURNING status
 """
-_ORPHANS = sa.text(
-    """
-    WITH orphans AS (
-        UPDATE send_job_recipients r
-        SET status = CASE WHEN j.resend_unknown THEN 'pending' ELSE 'unknown' END,
-            error_message = CASE WHEN j.resend_unknown THEN NULL
-                                 ELSE 'runner stopped while the request was in flight' END
-        FROM send_jobs j
-        WHERE r.job_id = :job_id AND j.id = r.job_id AND r.status = 'sending'
-          AND r.psid > :after AND (CAST(:last AS text) IS NULL OR r.psid <= :last)
-          AND NOT EXISTS (
-              SELECT 1 FROM send_job_shards s
-              WHERE s.job_id = r.job_id AND s.status = 'running'
-                AND s.shard IS DISTINCT FROM CAST(:shard AS integer)
-                AND r.psid > s.psid_after AND r.psid <= s.psid_last)
-        RETURNING r.status
-    )
-    UPDATE send_jobs SET unknown = unknown + (SELECT count(*) FROM orphans WHERE status = 'unknown')
-    WHERE id = :job_id
-    RETURNING (SELECT count(*) FROM orphans)
-    """
-)
-
-
-def fence_sql(lease: Lease, table: str = "send_jobs") -> str:
-    """The SQL condition on a ``send_jobs`` row (named ``table``) that holds only while ``lease``
-    does; bind it with ``lease_params``."""
-    if lease.shard is None:
-        return (
-            f"{table}.id = :job_id AND {table}.lease_owner = :owner AND {table}.attempt = :attempt"
-        )
-    return (
-        f"{table}.id = :job_id AND EXISTS (SELECT 1 FROM send_job_shards s WHERE s.job_id = :job_id "
-        "AND s.shard = :shard AND s.lease_owner = :owner AND s.attempt = :attempt "
-        "AND s.status = 'running')"
-    )
-
-
-def lease_params(lease: Lease) -> dict[str, object]:
-    """The bind parameters of ``fence_sql``."""
-    return {
-        "job_id": lease.job_id,
-        "owner": lease.owner,
-        "attempt": lease.attempt,
-        "shard": lease.shard,
-    }
 
 
 def claim_job(
     session: Session, *, job_id: uuid.UUID, owner: str, recovery: Recovery
 ) -> Lease | None:
     """Take the job if it is pending and due, or running under an expired lease (that dead run is
-    ended first, see ``end_dead_runs``); ``None`` otherwise. Recipients left ``sending`` by an
-    earlier runner are settled in the same transaction."""
+    ended first, see ``end_dead_runs``); ``None`` otherwise. Recipients an earlier runner left
+    claimed or sending are settled in the same transaction."""
     end_dead_runs(session, recovery=recovery, job_id=job_id)
     attempt = session.execute(_CLAIM, {"job_id": job_id, "owner": owner}).scalar_one_or_none()
     if attempt is None:
         return None
-    release_orphans(session, job_id=job_id)
+    release(session, job_id=job_id)
     return Lease(job_id=job_id, owner=owner, attempt=attempt)
 
 
@@ -182,7 +130,7 @@ def end_dead_runs(
     rows = session.execute(_DEAD_RUNS, recovery.params() | {"job_id": job_id, "limit": limit}).all()
     ended = []
     for dead_id, cancel_requested in rows:
-        settled = release_orphans(session, job_id=dead_id)
+        settled = release(session, job_id=dead_id)
         if cancel_requested:
             status = cancel_now(session, dead_id)
         else:
@@ -194,6 +142,7 @@ def end_dead_runs(
                 "runner stopped heartbeating",
             )
         ended.append(DeadRun(job_id=dead_id, orphans_settled=settled, status=status))
+        crash_point("takeover")
     return ended
 
 
@@ -206,29 +155,6 @@ def _end_run(
     if status is None:
         raise LeaseLost(params["job_id"])
     return JobStatus(status)
-
-
-def release_orphans(
-    session: Session,
-    *,
-    job_id: uuid.UUID,
-    after: str = "",
-    last: str | None = None,
-    shard: int | None = None,
-) -> int:
-    """Settle recipients left ``sending`` (in ``after`` < psid ≤ ``last``): ``unknown``, or
-    ``pending`` with ``resend_unknown``. Rows of other shards being sent right now are left alone."""
-    params = {"job_id": job_id, "after": after, "last": last, "shard": shard}
-    return session.execute(_ORPHANS, params).scalar_one()
-
-
-def pending_count(session: Session, job_id: uuid.UUID) -> int:
-    return session.execute(
-        sa.text(
-            "SELECT count(*) FROM send_job_recipients WHERE job_id = :job_id AND status = 'pending'"
-        ),
-        {"job_id": job_id},
-    ).scalar_one()
 
 
 def heartbeat(session: Session, *, lease: Lease) -> SendJob:
@@ -265,20 +191,13 @@ def stop_running_job(session: Session, *, lease: Lease, status: JobStatus, reaso
 
 def cancel_now(session: Session, job_id: uuid.UUID) -> JobStatus:
     """Skip every pending recipient and end the job ``cancelled``."""
+    cancel_pending(session, job_id=job_id, reason=CANCELLED_REASON)
     session.execute(
         sa.text(
-            """
-            WITH skipped AS (
-                UPDATE send_job_recipients SET status = 'skipped', error_message = :reason
-                WHERE job_id = :job_id AND status = 'pending' RETURNING 1
-            )
-            UPDATE send_jobs SET skipped = skipped + (SELECT count(*) FROM skipped),
-                status = 'cancelled', cancel_requested = true, finished_at = now(),
-                lease_owner = NULL, heartbeat_at = NULL
-            WHERE id = :job_id
-            """
+            "UPDATE send_jobs SET status = 'cancelled', cancel_requested = true, "
+            "finished_at = now(), lease_owner = NULL, heartbeat_at = NULL WHERE id = :job_id"
         ),
-        {"job_id": job_id, "reason": CANCELLED_REASON},
+        {"job_id": job_id},
     )
     return JobStatus.CANCELLED
 
@@ -289,10 +208,10 @@ def finish_job(session: Session, *, lease: Lease, recovery: Recovery) -> SendJob
     ``failed`` and ``paused`` (set while running) stay; a cancel request skips what is left and
     ends ``cancelled``; recipients still pending make the job ``pending`` again (see
     ``end_dead_runs`` for stalled runs); otherwise ``completed``, or ``completed_with_errors`` when
-    anything failed or is unknown. Recipients still ``sending`` under this lease belong to a chunk
-    that crashed after claiming them: their outcome is unknowable, so they become ``unknown``."""
+    anything failed or is unknown. Recipients this run left claimed go back to ``pending``; those
+    left ``sending`` (a chunk that crashed in flight) have an unknowable outcome: ``unknown``."""
     job = heartbeat(session, lease=lease)
-    release_orphans(session, job_id=lease.job_id)
+    release(session, job_id=lease.job_id)
     fence, params = fence_sql(lease), lease_params(lease)
     if job.status == JobStatus.RUNNING and job.cancel_requested:
         cancel_now(session, lease.job_id)

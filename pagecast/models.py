@@ -38,6 +38,7 @@ TERMINAL_JOB_STATUSES = frozenset(
 
 class RecipientStatus(StrEnum):
     PENDING = "pending"
+    CLAIMED = "claimed"
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
@@ -122,10 +123,6 @@ class SendJob(SQLModel, table=True):
     skipped: int = _counter()
     unknown: int = _counter()
     duplicates_removed: int = _counter()
-    error_summary: dict[str, Any] = Field(
-        default_factory=dict,
-        sa_column=sa.Column(pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
-    )
     concurrency: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
     rate_per_second: float = Field(sa_column=sa.Column(sa.Float, nullable=False))
     resend_unknown: bool = Field(
@@ -192,6 +189,7 @@ class SendJobRecipient(SQLModel, table=True):
     error_code: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
     error_subcode: int | None = Field(default=None, sa_column=sa.Column(sa.Integer))
     error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    error_key: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     retryable: bool = Field(
         default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
     )
@@ -239,6 +237,9 @@ class PageSendRate(SQLModel, table=True):
     next_slot_at: datetime = Field(sa_column=_now_column())
     backoff_factor: float = Field(
         default=1.0, sa_column=sa.Column(sa.Float, nullable=False, server_default="1")
+    )
+    throttled_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
     )
     updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
 

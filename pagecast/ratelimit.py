@@ -2,9 +2,15 @@
 
 A runner reserves a block of consecutive send slots for a page in one statement
 (``page_send_rates.next_slot_at`` moves forward by ``block / effective_rate``), then releases its
-sends one slot at a time, evenly spaced, never early. Throttling errors halve the page's
-``backoff_factor`` (the effective rate is ``rate × factor``); every block reserved afterwards
-recovers it additively.
+sends one slot at a time, evenly spaced, never early. Slot times are the database's: the
+statement also returns its ``clock_timestamp()``, and the runner moves the slots onto its own
+monotonic clock by the offset measured over that round trip, so runners whose clocks disagree
+follow one schedule.
+
+A throttling error halves the page's effective rate (``rate × backoff_factor``), at most once per
+``THROTTLE_WINDOW_SECONDS`` however many sends hit it, and pauses the page briefly. The factor
+recovers with the time since ``throttled_at``, whoever reserves, so recovery does not depend on
+how many chunks or runs share the page.
 
 Slots are spaced for ``PACING_MARGIN`` × the rate (97 %): a send that leaves a few milliseconds
 late must not put one more call than the rate into any one-second window at Meta's end, so the
@@ -13,8 +19,10 @@ schedule keeps 30 ms of slack per second for timer and network jitter.
 
 import asyncio
 import math
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -22,135 +30,202 @@ import sqlalchemy as sa
 BLOCK_SECONDS = 0.5
 PACING_MARGIN = 0.97
 MIN_BACKOFF_FACTOR = 0.05
-RECOVERY_PER_BLOCK = 0.05
+RECOVERY_PER_SECOND = 0.05
+THROTTLE_WINDOW_SECONDS = 1.0
+LATE_SECONDS = 0.025
 THROTTLE_COOLDOWN_SECONDS = 1.0
 USAGE_SLOWDOWN_PERCENT = 75.0
 
+# A page_send_rates row's factor right now: 1 once recovered, or when never throttled (LEAST
+# ignores the NULL).
+EFFECTIVE_FACTOR = (
+    f"LEAST(1.0, backoff_factor"
+    f" + {RECOVERY_PER_SECOND} * extract(epoch FROM clock_timestamp() - throttled_at)::float8)"
+)
+# Each CTE reads the one before it, so every clock_timestamp() is taken after the row lock.
 _RESERVE = sa.text(
-    """
-    WITH current AS (
-        SELECT backoff_factor, next_slot_at FROM page_send_rates WHERE page_id = :page_id FOR UPDATE
+    f"""
+    WITH locked AS (
+        SELECT * FROM page_send_rates WHERE page_id = :page_id FOR UPDATE
+    ), block AS (
+        SELECT GREATEST(next_slot_at, clock_timestamp()) AS starts_at,
+            :rate * {EFFECTIVE_FACTOR} AS rate
+        FROM locked
     ), moved AS (
         UPDATE page_send_rates r SET
-            next_slot_at = GREATEST(c.next_slot_at, clock_timestamp())
-                + make_interval(secs => :count / (:rate * c.backoff_factor)),
-            backoff_factor = LEAST(1.0, c.backoff_factor + :recovery),
+            next_slot_at = b.starts_at + make_interval(secs => :count / b.rate),
             updated_at = clock_timestamp()
-        FROM current c WHERE r.page_id = :page_id
-        RETURNING r.next_slot_at, c.backoff_factor
+        FROM block b WHERE r.page_id = :page_id
+        RETURNING b.starts_at, b.rate
     )
-    SELECT extract(epoch FROM next_slot_at)::float8, :rate * backoff_factor FROM moved
+    SELECT extract(epoch FROM starts_at - clock_timestamp())::float8, rate FROM moved
     """
 )
 _CREATE = sa.text(
     "INSERT INTO page_send_rates (page_id) VALUES (:page_id) ON CONFLICT (page_id) DO NOTHING"
 )
 _SLOW_DOWN = sa.text(
-    """
-    INSERT INTO page_send_rates AS r (page_id, backoff_factor) VALUES (:page_id, :factor)
-    ON CONFLICT (page_id) DO UPDATE SET
-        backoff_factor = GREATEST(:minimum, r.backoff_factor * :factor),
+    f"""
+    WITH locked AS (
+        SELECT * FROM page_send_rates WHERE page_id = :page_id FOR UPDATE
+    ), current AS (
+        SELECT {EFFECTIVE_FACTOR} AS factor, throttled_at IS NULL
+            OR throttled_at < clock_timestamp() - make_interval(secs => :window) AS cuts
+        FROM locked
+    )
+    UPDATE page_send_rates r SET
+        backoff_factor = CASE WHEN c.cuts
+            THEN GREATEST(:minimum, c.factor * :factor) ELSE r.backoff_factor END,
+        throttled_at = CASE WHEN c.cuts THEN clock_timestamp() ELSE r.throttled_at END,
         next_slot_at = GREATEST(r.next_slot_at, clock_timestamp() + make_interval(secs => :pause)),
         updated_at = clock_timestamp()
+    FROM current c WHERE r.page_id = :page_id
     """
 )
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """``count`` slots ``interval`` seconds apart; the first at ``first_at`` (Unix time from the
-    database's clock: every runner, on every machine, follows one schedule, so their clocks must
-    agree as NTP keeps them)."""
+    """``count`` slots ``interval`` seconds apart; the first at ``first_at`` on the caller's clock."""
 
     first_at: float
     interval: float
     count: int
 
 
-def reserve(engine: sa.Engine, *, page_id: str, rate: float, count: int) -> Reservation:
-    """Reserve ``count`` consecutive send slots for the page at ``rate`` messages/s (less backoff)."""
-    params = {
-        "page_id": page_id,
-        "count": count,
-        "rate": rate * PACING_MARGIN,
-        "recovery": RECOVERY_PER_BLOCK,
-    }
+def reserve(
+    engine: sa.Engine,
+    *,
+    page_id: str,
+    rate: float,
+    count: int,
+    clock: Callable[[], float] = time.monotonic,
+) -> Reservation:
+    """Reserve ``count`` consecutive send slots for the page at ``rate`` messages/s (less backoff).
+
+    The database's clock is read mid round trip: a slot's time on ``clock`` is its offset from
+    ``clock_timestamp()`` plus the midpoint of ``clock`` before and after the statement."""
+    params = {"page_id": page_id, "count": count, "rate": rate * PACING_MARGIN}
     with engine.begin() as connection:
+        before = clock()
         row = connection.execute(_RESERVE, params).first()
         if row is None:
-            connection.execute(_CREATE, {"page_id": page_id})
+            connection.execute(_CREATE, params)
+            before = clock()
             row = connection.execute(_RESERVE, params).one()
-    ends_at, effective_rate = row
-    interval = 1.0 / effective_rate
-    return Reservation(first_at=ends_at - count * interval, interval=interval, count=count)
+        after = clock()
+    starts_in, effective_rate = row
+    return Reservation(
+        first_at=starts_in + (before + after) / 2, interval=1.0 / effective_rate, count=count
+    )
 
 
 def slow_down(engine: sa.Engine, *, page_id: str, factor: float = 0.5, pause: float = 0.0) -> None:
-    """Multiply the page's rate by ``factor`` (never below 5 %) and push its next slot ``pause`` s out."""
+    """Multiply the page's effective rate by ``factor`` (never below 5 %) unless it was cut less
+    than ``THROTTLE_WINDOW_SECONDS`` ago, and push its next slot ``pause`` seconds out."""
+    params = {
+        "page_id": page_id,
+        "factor": factor,
+        "minimum": MIN_BACKOFF_FACTOR,
+        "window": THROTTLE_WINDOW_SECONDS,
+        "pause": pause,
+    }
     with engine.begin() as connection:
-        connection.execute(
-            _SLOW_DOWN,
-            {"page_id": page_id, "factor": factor, "minimum": MIN_BACKOFF_FACTOR, "pause": pause},
-        )
+        connection.execute(_CREATE, params)
+        connection.execute(_SLOW_DOWN, params)
 
 
 class Pacer:
     """Releases one send at a time for a page, on slots reserved in blocks of about half a second.
 
-    ``expected`` bounds how many slots are reserved ahead, so a chunk never holds slots it will not
-    use; a release is never earlier than its slot nor closer than one interval to the previous one.
+    Thread-safe: one pacer may serve chunks in several threads, each with its own event loop.
+    Reservations never exceed the sends announced with ``expect``; a release is never earlier
+    than its slot on ``clock`` nor closer than one interval to the pacer's previous release.
     """
 
-    def __init__(self, engine: sa.Engine, *, page_id: str, rate: float, expected: int) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        page_id: str,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._engine = engine
         self._page_id = page_id
         self._rate = rate
-        self._remaining = expected
+        self._clock = clock
+        self._remaining = 0
         self._slots: deque[float] = deque()
         self._interval = 1.0 / (rate * PACING_MARGIN)
-        self._last_release = 0.0
-        self._lock = asyncio.Lock()
+        self._last_release = -math.inf
+        self._lock = threading.Lock()
 
-    def expect_more(self, count: int = 1) -> None:
-        """Announce sends beyond the expected count (retries)."""
-        self._remaining += count
+    def expect(self, count: int) -> None:
+        """Announce ``count`` more sends (a chunk's recipients, a retry)."""
+        with self._lock:
+            self._remaining += count
 
-    async def _refill(self) -> None:
-        block = max(1, min(self._remaining, math.ceil(self._rate * BLOCK_SECONDS)))
-        reservation = await asyncio.to_thread(
-            reserve, self._engine, page_id=self._page_id, rate=self._rate, count=block
+    def _refill_locked(self) -> None:
+        block = max(1, min(self._remaining, math.ceil(BLOCK_SECONDS / self._interval)))
+        reservation = reserve(
+            self._engine, page_id=self._page_id, rate=self._rate, count=block, clock=self._clock
         )
         self._interval = reservation.interval
         self._slots.extend(reservation.first_at + i * reservation.interval for i in range(block))
 
+    def _release_locked(self) -> float | None:
+        """The next usable slot's release time (``None``: none left); stale slots are dropped."""
+        while self._slots:
+            release_at = max(self._slots.popleft(), self._last_release + self._interval)
+            if release_at >= self._clock() - self._interval:
+                self._remaining = max(0, self._remaining - 1)
+                self._last_release = release_at
+                return release_at
+        return None
+
+    def _claim(self) -> float:
+        """The next release time; blocks while it reserves slots."""
+        with self._lock:
+            while (release_at := self._release_locked()) is None:
+                self._refill_locked()
+            return release_at
+
+    def _claim_at_once(self) -> float | None:
+        """The next release time if no reservation and no wait for the lock is needed."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._release_locked()
+        finally:
+            self._lock.release()
+
     async def wait_for_slot(self) -> None:
-        """Sleep until this caller's send slot.
+        """Sleep until this caller's send slot (taken without a thread hop when one is at hand).
 
         Slots that went by while the process stalled (GC, a busy event loop) are given up, not
-        caught up on: spending them late would put a burst on the wire."""
-        async with self._lock:
-            while True:
-                if not self._slots:
-                    await self._refill()
-                slot = self._slots.popleft()
-                release_at = max(slot, self._last_release + self._interval)
-                if release_at >= time.time() - self._interval:
-                    break
-            self._remaining = max(0, self._remaining - 1)
-            self._last_release = release_at
-            delay = release_at - time.time()
-            if delay > 0:
+        caught up on: spending them late would put a burst on the wire. A caller woken more than
+        ``LATE_SECONDS`` after its slot takes a fresh one, once."""
+        for fresh in (False, True):
+            if fresh:
+                self.expect(1)
+            release_at = self._claim_at_once() or await asyncio.to_thread(self._claim)
+            while (delay := release_at - self._clock()) > 0:
                 await asyncio.sleep(delay)
+            if self._clock() - release_at <= LATE_SECONDS:
+                return
+
+    def _slow_down(self, factor: float, pause: float) -> None:
+        with self._lock:
+            slow_down(self._engine, page_id=self._page_id, factor=factor, pause=pause)
+            if pause:
+                self._slots.clear()
 
     async def throttled(self) -> None:
-        """Meta throttled the page: halve its rate for everyone and pause briefly."""
-        self._slots.clear()
-        await asyncio.to_thread(
-            slow_down, self._engine, page_id=self._page_id, pause=THROTTLE_COOLDOWN_SECONDS
-        )
+        """Meta throttled the page: halve its rate for everyone (once per window) and pause it."""
+        await asyncio.to_thread(self._slow_down, 0.5, THROTTLE_COOLDOWN_SECONDS)
 
     async def observe_usage(self, percent: float | None) -> None:
         """Slow the page down before Meta throttles it when its usage headers run high."""
         if percent is not None and percent >= USAGE_SLOWDOWN_PERCENT:
-            factor = 0.5 if percent >= 90 else 0.8
-            await asyncio.to_thread(slow_down, self._engine, page_id=self._page_id, factor=factor)
+            await asyncio.to_thread(self._slow_down, 0.5 if percent >= 90 else 0.8, 0.0)

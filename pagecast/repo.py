@@ -59,12 +59,24 @@ class CreatedJob:
     opted_out_excluded: int = 0
 
 
+@dataclass(frozen=True)
+class ErrorCount:
+    """Recipients of a job that ended ``status`` for one reason (a Graph error code, or why no call
+    was made), with one of their error messages."""
+
+    key: str
+    status: str
+    count: int
+    message: str | None
+
+
 @dataclass
 class JobProgress:
-    """A job with its recipients counted by status."""
+    """A job with its recipients counted by status, and its errors by reason."""
 
     job: SendJob
     by_status: dict[str, int] = field(default_factory=dict)
+    errors: list[ErrorCount] = field(default_factory=list)
 
     @property
     def pending(self) -> int:
@@ -207,15 +219,32 @@ def get_job(session: Session, *, job_id: uuid.UUID, for_update: bool = False) ->
     return job
 
 
+def error_counts(session: Session, *, job_id: uuid.UUID) -> list[ErrorCount]:
+    """The job's failed, skipped and unknown recipients counted by reason, most frequent first."""
+    rows = session.execute(
+        sa.text(
+            "SELECT error_key, status, count(*), min(error_message) FROM send_job_recipients "
+            "WHERE job_id = :job_id AND status IN ('failed', 'skipped', 'unknown') "
+            "AND error_key IS NOT NULL GROUP BY error_key, status ORDER BY 3 DESC, 1"
+        ),
+        {"job_id": job_id},
+    ).all()
+    return [ErrorCount(*row) for row in rows]
+
+
 def job_progress(session: Session, *, job_id: uuid.UUID) -> JobProgress:
-    """The job and its recipients counted by status (one indexed aggregate)."""
+    """The job, its recipients counted by status (one indexed aggregate) and its errors."""
     job = get_job(session, job_id=job_id)
     rows = session.execute(
         sa.select(SendJobRecipient.status, sa.func.count())
         .where(col(SendJobRecipient.job_id) == job_id)
         .group_by(SendJobRecipient.status)
     ).all()
-    return JobProgress(job=job, by_status={status: count for status, count in rows})
+    return JobProgress(
+        job=job,
+        by_status={status: count for status, count in rows},
+        errors=error_counts(session, job_id=job_id),
+    )
 
 
 def set_waiting_for(session: Session, *, job_id: uuid.UUID, waiting_for: str | None) -> None:

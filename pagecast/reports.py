@@ -6,16 +6,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast.chunks import TEXT_TOO_LONG
-from pagecast.graph import OUTSIDE_WINDOW
 from pagecast.models import JobStatus, SendJob
+from pagecast.ratelimit import EFFECTIVE_FACTOR
+from pagecast.repo import ErrorCount
 
 BOOKED_AHEAD_SECONDS = 5.0
 _WAIT_FACTS = sa.text(
-    """
+    f"""
     SELECT j.scheduled_at > now(), j.next_attempt_at > now(),
            j.heartbeat_at < now() - make_interval(secs => :lease_seconds),
-           r.backoff_factor, extract(epoch FROM r.next_slot_at - now())
+           {EFFECTIVE_FACTOR}, extract(epoch FROM r.next_slot_at - now())
     FROM send_jobs j LEFT JOIN page_send_rates r ON r.page_id = j.page_id
     WHERE j.id = :job_id
     """
@@ -55,7 +55,7 @@ def waiting_for(session: Session, job: SendJob, *, lease_seconds: int) -> str | 
     return job.waiting_for
 
 
-def job_summary_rows(job: SendJob) -> list[dict[str, Any]]:
+def job_summary_rows(job: SendJob, errors: list[ErrorCount]) -> list[dict[str, Any]]:
     """Counts, error codes with their counts and Meta's messages, and durations."""
     rows: list[dict[str, Any]] = [
         {"item": "status", "value": job.status, "detail": job.last_error or ""},
@@ -69,14 +69,14 @@ def job_summary_rows(job: SendJob) -> list[dict[str, Any]]:
             "detail": "in flight when a runner died; not resent",
         },
     ]
-    messages = {
-        sample["code"]: sample["message"] for sample in job.error_summary.get("samples", [])
-    }
-    for code, count in sorted(
-        (job.error_summary.get("by_code") or {}).items(), key=lambda kv: -kv[1]
-    ):
-        label = {OUTSIDE_WINDOW: "skipped", TEXT_TOO_LONG: "failed"}.get(code, "error")
-        rows.append({"item": f"{label} {code}", "value": count, "detail": messages.get(code, "")})
+    for error in errors:
+        rows.append(
+            {
+                "item": f"{error.status} {error.key}",
+                "value": error.count,
+                "detail": (error.message or "")[:300],
+            }
+        )
     if job.started_at and job.finished_at:
         seconds = (job.finished_at - job.started_at).total_seconds()
         done = job.sent + job.failed + job.skipped + job.unknown

@@ -5,7 +5,9 @@ the decisions, so they are tested without Prefect, and ``run_in_process`` drives
 with asyncio alone (tests, benchmarks, embedding)."""
 
 import asyncio
+import math
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -16,17 +18,20 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from pagecast import lifecycle, repo, shards
-from pagecast.chunks import ChunkBounds, next_chunk_bounds, send_chunk
+from pagecast.chunks import ChunkBounds, ChunkResult, next_chunk_bounds, send_chunk
 from pagecast.errors import LeaseLost
+from pagecast.faults import crash_point
 from pagecast.graph import client_factory
-from pagecast.lifecycle import Lease, Recovery
+from pagecast.leases import Lease
+from pagecast.lifecycle import Recovery
 from pagecast.models import JobStatus, SendJob
-from pagecast.outcomes import ChunkResult
+from pagecast.recorder import Recorder, shared_recorder
 from pagecast.settings import Settings
 
 ERROR_WINDOW_ATTEMPTS = 500
 ERROR_WINDOW_MINIMUM = 100
 ERROR_THRESHOLD = 0.2
+BOUNDS_AHEAD = 8
 
 
 @dataclass
@@ -80,10 +85,13 @@ class JobRun:
         self._shard_lease: shards.ShardLease | None = None
         self._errors = ErrorWindow()
         self._stop_reason: str | None = None
+        self._queued: deque[ChunkBounds] = deque()
+        self._recorder: Recorder | None = None
 
     def claim(self) -> Lease | None:
         """Take the job (or the range); ``None`` when it is not ours to run (held elsewhere, ended,
         paused or not due)."""
+        crash_point("before-claim")
         with Session(self.engine) as session, session.begin():
             if self.shard is None:
                 self.lease = lifecycle.claim_job(
@@ -100,6 +108,8 @@ class JobRun:
                 if self._shard_lease is not None:
                     self.lease = self._shard_lease.lease
                     self._after = self._shard_lease.after
+        if self.lease is not None:
+            crash_point("after-claim")
         return self.lease
 
     def _held(self) -> Lease:
@@ -117,24 +127,28 @@ class JobRun:
         """Bounds of up to ``count`` next chunks, or ``[]`` when the run is done or must stop.
 
         Runs keep ``PAGECAST_PARALLEL_CHUNKS`` chunks in flight and ask for the next one as soon
-        as one ends, so one slow chunk (a recipient backing off) never idles the others."""
-        if self._stop_reason is not None:
+        as one ends, so one slow chunk (a recipient backing off) never idles the others. Bounds are
+        read ``BOUNDS_AHEAD`` chunks at a time, the first ones of growing sizes; whether the job still sends is the recorder's
+        latest answer (a chunk of a stopped job claims nothing anyway)."""
+        if self._stop_reason is not None or (self._recorder and self._recorder.stopping):
             return []
-        job = self.job_state()
-        if job.status != JobStatus.RUNNING or job.cancel_requested:
-            return []
-        with Session(self.engine) as session:
-            chunks = next_chunk_bounds(
-                session,
-                job_id=self.job_id,
-                after=self._after,
-                chunk_size=self.settings.chunk_size,
-                chunks=count,
-                until=self._shard_lease.last if self._shard_lease else None,
-            )
-        if chunks:
-            self._after = chunks[-1].last
-        return chunks
+        if len(self._queued) < count:
+            size = self.settings.chunk_size
+            sizes = [size] * max(count, BOUNDS_AHEAD)
+            if not self._after:  # stagger the first chunks, so their ends never coincide
+                sizes[:count] = [math.ceil(size * (k + 1) / count) for k in range(count)]
+            with Session(self.engine) as session:
+                found = next_chunk_bounds(
+                    session,
+                    job_id=self.job_id,
+                    after=self._after,
+                    sizes=sizes,
+                    until=self._shard_lease.last if self._shard_lease else None,
+                )
+            if found:
+                self._after = found[-1].last
+            self._queued.extend(found)
+        return [self._queued.popleft() for _ in range(min(count, len(self._queued)))]
 
     def absorb(self, results: list[ChunkResult]) -> None:
         """Add finished chunks' results; pause the job if too many recipients fail permanently."""
@@ -161,9 +175,12 @@ class JobRun:
         lease = self._held()
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             if self._shard_lease is None:
-                return lifecycle.finish_job(session, lease=lease, recovery=self.recovery)
-            shards.finish_shard(session, shard=self._shard_lease)
-            return repo.get_job(session, job_id=self.job_id)
+                job = lifecycle.finish_job(session, lease=lease, recovery=self.recovery)
+            else:
+                shards.finish_shard(session, shard=self._shard_lease)
+                job = repo.get_job(session, job_id=self.job_id)
+            crash_point("finishing")
+            return job
 
     def fail(self, error: BaseException) -> None:
         """Stop the job ``failed`` with ``last_error`` naming ``error``; chunks in flight stop and
@@ -188,26 +205,45 @@ class JobRun:
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
-        """Keep the lease alive from a background thread while the body runs."""
+        """Keep the lease alive from a background thread while the body runs, and the run's
+        recorder open (its chunks share it). When the lease is lost, or cannot be renewed for half
+        its length, every chunk stops calling (``Recorder.stop``) and no new chunk starts."""
+        lease = self._held()
         stop = threading.Event()
         interval = max(1.0, self.settings.lease_seconds / 4)
 
-        def beat() -> None:
-            while not stop.wait(interval):
+        def beat(halt: Callable[[str], None]) -> None:
+            failing_since: float | None = None
+            while not stop.wait(interval if failing_since is None else 1.0):
                 try:
                     self.job_state()
+                    failing_since = None
                 except LeaseLost:
-                    return
+                    return halt("the lease was lost")
+                except Exception as error:
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > self.settings.lease_seconds / 2:
+                        return halt(f"the heartbeat failed: {type(error).__name__}: {error}")
 
-        thread = threading.Thread(
-            target=beat, name=f"pagecast-heartbeat-{self.job_id}", daemon=True
-        )
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+        with shared_recorder(
+            self.engine, lease, give_up_after=self.settings.db_retry_seconds
+        ) as recorder:
+            self._recorder = recorder
+
+            def halt(reason: str) -> None:
+                self._stop_reason = self._stop_reason or reason
+                recorder.stop(reason)
+
+            thread = threading.Thread(
+                target=beat, args=(halt,), name=f"pagecast-heartbeat-{self.job_id}", daemon=True
+            )
+            thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                thread.join()
+                self._recorder = None
 
 
 async def run_in_process(
@@ -238,6 +274,7 @@ async def run_in_process(
                 bounds=bounds,
                 client_factory=build_client,
                 chunks_in_flight=parallel,
+                give_up_after=settings.db_retry_seconds,
             )
         )
 
@@ -245,14 +282,13 @@ async def run_in_process(
         in_flight = {start(b) for b in await asyncio.to_thread(run.next_chunks, parallel)}
         while in_flight:
             done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            try:
-                results = [task.result() for task in done]
-            except Exception as error:
-                await asyncio.to_thread(run.fail, error)
+            errors = [error for task in done if (error := task.exception()) is not None]
+            if errors:
+                await asyncio.to_thread(run.fail, errors[0])
                 if in_flight:
                     await asyncio.wait(in_flight)
-                raise
-            await asyncio.to_thread(run.absorb, results)
+                raise errors[0]
+            await asyncio.to_thread(run.absorb, [task.result() for task in done])
             more = await asyncio.to_thread(run.next_chunks, parallel - len(in_flight))
             in_flight |= {start(b) for b in more}
     return await asyncio.to_thread(run.finish)

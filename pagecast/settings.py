@@ -53,6 +53,17 @@ class Settings(BaseSettings):
     chunk_task_limit: int = Field(
         default=16, ge=1, description="Chunk tasks in flight across all runs (a Prefect tag limit)."
     )
+    statement_timeout_seconds: float = Field(
+        default=30.0, ge=0, description="Longest statement pagecast runs (0: no limit)."
+    )
+    lock_timeout_seconds: float = Field(
+        default=10.0, ge=0, description="Longest wait for a row lock (0: no limit)."
+    )
+    db_retry_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long a run retries an unreachable database before it stops sending.",
+    )
     notify_url: str | None = Field(default=None, description="Webhook for job summaries.")
     app_secret: SecretStr | None = Field(default=None, description="Adds appsecret_proof to calls.")
 

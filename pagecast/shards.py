@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast.lifecycle import Lease, lease_params, release_orphans
+from pagecast.leases import Lease, lease_params
+from pagecast.recipients import release
 
 _SPLIT_POINTS = sa.text(
     """
@@ -106,7 +107,7 @@ def claim_shard(
     session: Session, *, job_id: uuid.UUID, shard: int, owner: str, lease_seconds: int
 ) -> ShardLease | None:
     """Take a range that is pending, or running under an expired lease, of a running job; recipients
-    its previous child left ``sending`` are settled as on any takeover."""
+    its previous child left claimed or sending are settled as on any takeover."""
     row = session.execute(
         _CLAIM,
         {"job_id": job_id, "shard": shard, "owner": owner, "lease_seconds": lease_seconds},
@@ -114,14 +115,14 @@ def claim_shard(
     if row is None:
         return None
     attempt, after, last = row
-    release_orphans(session, job_id=job_id, after=after, last=last, shard=shard)
+    release(session, job_id=job_id, after=after, last=last, shard=shard)
     lease = Lease(job_id=job_id, owner=owner, attempt=attempt, shard=shard)
     return ShardLease(lease=lease, after=after, last=last)
 
 
 def finish_shard(session: Session, *, shard: ShardLease) -> None:
     """Release the range: ``done`` when nothing in it is pending, else ``pending`` again."""
-    release_orphans(
+    release(
         session,
         job_id=shard.lease.job_id,
         after=shard.after,

@@ -15,7 +15,7 @@ from pagecast.chunks import send_chunk as send_chunk_core
 from pagecast.db import get_engine
 from pagecast.errors import GraphError, InvalidInput, LeaseLost, MissingPageToken
 from pagecast.graph import client_factory
-from pagecast.lifecycle import Lease
+from pagecast.leases import Lease
 from pagecast.settings import get_settings
 from tasks.tokens import page_token
 
@@ -65,6 +65,7 @@ def send_chunk(
             bounds=ChunkBounds(after=after, last=last),
             client_factory=client_factory(settings, lambda _page_id: token),
             chunks_in_flight=chunks_in_flight,
+            give_up_after=settings.db_retry_seconds,
         )
     )
     return result.as_dict()

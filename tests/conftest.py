@@ -3,7 +3,7 @@ names a server), one migrated template database, and a fresh clone of it for eve
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +55,22 @@ def database_url(server_url: str, template_database: str) -> Iterator[str]:
     yield url
     db.engine_for(url).dispose()
     _admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def fresh_database(server_url: str, template_database: str) -> Iterator[Callable[[], str]]:
+    """Make more fresh, migrated databases in one test (each isolated case its own)."""
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"pagecast_test_{uuid.uuid4().hex[:12]}"
+        _admin_execute(server_url, f"CREATE DATABASE {name} TEMPLATE {template_database}")
+        names.append(name)
+        return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    for name in names:
+        _admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -70,3 +70,8 @@ def assert_counters_match_rows(engine: sa.Engine, job_id: uuid.UUID) -> None:
         counts.get(s, 0) for s in ("sent", "failed", "skipped", "unknown")
     )
     assert sum(counts.values()) == job.total
+
+
+def errors_by_key(engine: sa.Engine, job_id: uuid.UUID) -> dict[str, int]:
+    with Session(engine) as session:
+        return {e.key: e.count for e in repo.error_counts(session, job_id=job_id)}

@@ -7,6 +7,7 @@ from pagecast.sandbox import SandboxConfig, running_sandbox
 from tests.engine import (
     assert_counters_match_rows,
     create_job,
+    errors_by_key,
     job_row,
     make_settings,
     recipient_counts,
@@ -81,15 +82,10 @@ async def test_permanent_and_window_faults_end_completed_with_errors(engine, dat
     finished = await run_job(engine, make_settings(database_url, url), job.id)
     assert finished.status == "completed_with_errors"
     assert (finished.sent, finished.failed, finished.skipped) == (380, 15, 5)
-    assert finished.error_summary["by_code"] == {
+    assert errors_by_key(engine, job.id) == {
         "551/1545041": 10,
         "100/2018001": 5,
         "10/2018278": 5,
-    }
-    assert {s["code"] for s in finished.error_summary["samples"]} == {
-        "551/1545041",
-        "100/2018001",
-        "10/2018278",
     }
     assert_counters_match_rows(engine, job.id)
 
@@ -117,7 +113,7 @@ async def test_personalisation_and_the_24_hour_window(engine, database_url, sand
     update = create_job(engine, 0, text="Hi {full_name}!", audience=repo.TagFilter(("vip",)))
     finished = await run_job(engine, make_settings(database_url, url), update.id)
     assert (finished.sent, finished.skipped) == (2, 1)
-    assert finished.error_summary["by_code"] == {"outside_24h_window": 1}
+    assert errors_by_key(engine, update.id) == {"outside_24h_window": 1}
     texts = {r["psid"]: r["text"] for r in ledger()}
     assert texts == {"11": "Hi Ana Lee!", "13": "Hi !"}
     tagged = create_job(
@@ -279,7 +275,7 @@ async def test_rendered_text_over_the_limit_fails_only_that_recipient(
     job = create_job(engine, 0, text="x" * 1980 + "{first_name}", audience=repo.TagFilter(("x",)))
     finished = await run_job(engine, make_settings(database_url, url), job.id)
     assert (finished.sent, finished.failed) == (1, 1)
-    assert finished.error_summary["by_code"] == {"rendered_text_too_long": 1}
+    assert errors_by_key(engine, job.id) == {"rendered_text_too_long": 1}
     assert state.stats()["requests"] == 1
 
 
@@ -294,7 +290,7 @@ async def test_high_usage_headers_slow_the_page_down(engine, database_url, sandb
         factor = connection.execute(
             sa.text("SELECT backoff_factor FROM page_send_rates")
         ).scalar_one()
-    assert factor < 0.5
+    assert factor == pytest.approx(0.5)  # cut once per window, however many answers said so
 
 
 async def test_the_job_concurrency_bounds_requests_in_flight(engine, database_url, sandbox):

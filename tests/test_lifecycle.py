@@ -6,12 +6,12 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast import commands, db, lifecycle
+from pagecast import commands, db, lifecycle, recipients
 from pagecast.chunks import ChunkBounds, send_chunk
 from pagecast.errors import JobStateConflict, LeaseLost
 from pagecast.lifecycle import Recovery
 from pagecast.models import RecipientStatus
-from pagecast.outcomes import Outcome, record_outcomes
+from pagecast.recipients import Outcome
 from tests.engine import create_job, job_row, recipient_counts
 
 
@@ -61,10 +61,9 @@ def test_stale_runner_can_neither_claim_rows_nor_record(engine):
     )
     assert result.sent == 0
     assert recipient_counts(engine, job.id) == {"pending": 5}
-    with Session(engine) as session, pytest.raises(LeaseLost):
-        record_outcomes(
-            session, lease=stale, outcomes=[Outcome("1", RecipientStatus.SENT)], fatal=None
-        )
+    with Session(engine) as session:
+        outcomes = [Outcome("1000000000000000", RecipientStatus.SENT)]
+        assert recipients.flush(session, lease=stale, outcomes=outcomes, marks=[]) is None
     with Session(engine) as session, pytest.raises(LeaseLost):
         lifecycle.heartbeat(session, lease=stale)
 
@@ -110,20 +109,12 @@ def test_cancel_pause_resume_rules(engine):
 def test_retry_with_nothing_to_retry_is_refused(engine):
     job = create_job(engine, 2)
     lease = _claim(engine, job.id, "a")
+    psids = ["1000000000000000", "1000000000000001"]
     with db.session_scope(engine) as session:
-        record_outcomes(
-            session,
-            lease=lease,
-            outcomes=[
-                Outcome(p, RecipientStatus.SENT) for p in ("1000000000000000", "1000000000000001")
-            ],
-            fatal=None,
-        )
-    with engine.begin() as connection:
-        connection.execute(
-            sa.text("UPDATE send_job_recipients SET status = 'sent' WHERE job_id = :id"),
-            {"id": job.id},
-        )
+        recipients.claim(session, lease=lease, after="", last="9")
+        recipients.flush(session, lease=lease, outcomes=[], marks=psids)
+        sent = [Outcome(p, RecipientStatus.SENT, message_id="m") for p in psids]
+        recipients.flush(session, lease=lease, outcomes=sent, marks=[])
     with db.session_scope(engine) as session:
         finished = lifecycle.finish_job(session, lease=lease, recovery=Recovery())
     assert finished.status == "completed"

@@ -152,6 +152,7 @@ def job_status(
             | {
                 "pending": progress.pending,
                 "recipients_by_status": progress.by_status,
+                "errors": [error.__dict__ for error in progress.errors],
                 "waiting_for": waiting,
             }
         )
@@ -174,8 +175,8 @@ def job_status(
         ("last error", job.last_error or ""),
     ):
         table.add_row(name, str(value))
-    for code, count in (job.error_summary.get("by_code") or {}).items():
-        table.add_row(f"error {code}", str(count))
+    for error in progress.errors:
+        table.add_row(f"{error.status} {error.key}", str(error.count))
     stdout.print(table)
 
 
@@ -222,7 +223,7 @@ def run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
     except KeyboardInterrupt:
         process.terminate()
         raise
-    stdout.print(launch.summary_table(job))
+    stdout.print(launch.summary_table(engine, job))
     if process.returncode != 0:
         stderr.print(f"[red]the flow run failed[/]; its log: {log_path}")
     if job.status not in launch.SUCCESSFUL:
