@@ -284,11 +284,13 @@ class ChunkSender:
 _pacers: dict[tuple[str, str, float], Pacer] = {}
 
 
-def _pacer(engine: sa.Engine, job: SendJob) -> Pacer:
+def _pacer(engine: sa.Engine, job: SendJob, give_up_after: float) -> Pacer:
     """The process's pacer for the job's page at the job's rate, shared by its chunks and runs."""
     key = (str(engine.url), job.page_id, job.rate_per_second)
     if key not in _pacers:
-        _pacers[key] = Pacer(engine, page_id=job.page_id, rate=job.rate_per_second)
+        _pacers[key] = Pacer(
+            engine, page_id=job.page_id, rate=job.rate_per_second, give_up_after=give_up_after
+        )
     return _pacers[key]
 
 
@@ -335,7 +337,7 @@ async def send_chunk(
             sender = ChunkSender(
                 job=job,
                 client=client,
-                pacer=_pacer(engine, job),
+                pacer=_pacer(engine, job, give_up_after),
                 recorder=recorder,
                 concurrency=concurrency,
                 mark_ahead=mark_ahead,

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from pagecast.db import retrying
+
 BLOCK_SECONDS = 0.5
 PACING_MARGIN = 0.97
 MIN_BACKOFF_FACTOR = 0.05
@@ -150,11 +152,13 @@ class Pacer:
         page_id: str,
         rate: float,
         clock: Callable[[], float] = time.monotonic,
+        give_up_after: float = 60.0,
     ) -> None:
         self._engine = engine
         self._page_id = page_id
         self._rate = rate
         self._clock = clock
+        self._give_up_after = give_up_after
         self._remaining = 0
         self._slots: deque[float] = deque()
         self._interval = 1.0 / (rate * PACING_MARGIN)
@@ -168,8 +172,11 @@ class Pacer:
 
     def _refill_locked(self) -> None:
         block = max(1, min(self._remaining, math.ceil(BLOCK_SECONDS / self._interval)))
-        reservation = reserve(
-            self._engine, page_id=self._page_id, rate=self._rate, count=block, clock=self._clock
+        reservation = retrying(
+            lambda: reserve(
+                self._engine, page_id=self._page_id, rate=self._rate, count=block, clock=self._clock
+            ),
+            give_up_after=self._give_up_after,
         )
         self._interval = reservation.interval
         self._slots.extend(reservation.first_at + i * reservation.interval for i in range(block))
@@ -217,7 +224,10 @@ class Pacer:
 
     def _slow_down(self, factor: float, pause: float) -> None:
         with self._lock:
-            slow_down(self._engine, page_id=self._page_id, factor=factor, pause=pause)
+            retrying(
+                lambda: slow_down(self._engine, page_id=self._page_id, factor=factor, pause=pause),
+                give_up_after=self._give_up_after,
+            )
             if pause:
                 self._slots.clear()
 

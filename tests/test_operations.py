@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 
 from deployments.local_stack import PROJECT_DIR, Stack, start_stack, stop_stack
 from pagecast import db
+from pagecast.faults import CRASH_AT_ENV
 from pagecast.sandbox import Sandbox, SandboxConfig, running_sandbox
 from tests.conftest import _admin_execute
 from tests.engine import PAGE, create_job, job_row, recipient_counts
@@ -74,8 +75,11 @@ class Ops:
     def deployment_id(self, name: str) -> str:
         return self.api("GET", f"/deployments/name/{name}").json()["id"]
 
-    def start(self, name: str, parameters: dict, key: str | None = None) -> dict:
+    def start(
+        self, name: str, parameters: dict, key: str | None = None, env: dict | None = None
+    ) -> dict:
         body = {"parameters": parameters} | ({"idempotency_key": key} if key else {})
+        body |= {"job_variables": {"env": env}} if env else {}
         return self.api(
             "POST", f"/deployments/{self.deployment_id(name)}/create_flow_run", json=body
         ).json()
@@ -354,6 +358,50 @@ def test_a_large_job_is_sent_by_child_runs_and_a_retry_resends_its_failures(ops)
     delivered = ops.delivered_psids("sharded")
     assert finished.sent == len(delivered) == len(set(delivered)) == 2400
     assert ops.sandbox.stats()["pages"][PAGE]["max_per_second"] <= 300
+
+
+def _sent_once_within_the_bound(ops: Ops, job_id: uuid.UUID, text: str, total: int) -> None:
+    job = job_row(ops.engine, job_id)
+    counts = recipient_counts(ops.engine, job_id)
+    assert set(counts) <= {"sent", "unknown"}
+    assert (job.sent, job.unknown) == (counts.get("sent", 0), counts.get("unknown", 0))
+    assert job.unknown <= job.concurrency + 0.5 * job.rate_per_second
+    delivered = ops.delivered_psids(text)
+    assert len(delivered) == len(set(delivered)) and job.sent <= len(delivered) <= total
+
+
+def test_a_shard_supervisor_killed_mid_job_is_recovered_by_the_sweep(ops):
+    text = "supervisor killed"
+    job = create_job(ops.engine, 2400, rate=150.0, text=text)
+    parent = ops.start(
+        "send-job/send-job", {"job_id": str(job.id)}, env={CRASH_AT_ENV: "supervisor@3"}
+    )
+    finished = _ended(ops, job.id, WAIT_SECONDS + SCHEDULE_WAIT_SECONDS)
+    assert ops.api("GET", f"/flow_runs/{parent['id']}").json()["state"]["type"] == "CRASHED"
+    assert finished.attempt >= 2  # a run the sweep started took the job over
+    _sent_once_within_the_bound(ops, job.id, text, 2400)
+
+
+def test_a_child_run_killed_mid_range_is_replaced_without_duplicates(ops):
+    text = "child killed"
+    job = create_job(ops.engine, 2400, rate=150.0, text=text)
+    ops.start("send-job/send-job", {"job_id": str(job.id)})
+
+    def sending_child() -> dict | None:
+        return next(
+            (
+                r
+                for r in ops.send_job_runs(job.id)
+                if r["parameters"].get("shard") is not None and r["state"]["type"] == "RUNNING"
+            ),
+            None,
+        )
+
+    child = ops.wait_for(sending_child, "a child run sending")
+    ops.wait_for(lambda: job_row(ops.engine, job.id).sent >= 200, "sending to start")
+    ops.kill_run(child["id"])
+    _ended(ops, job.id, WAIT_SECONDS + SCHEDULE_WAIT_SECONDS)
+    _sent_once_within_the_bound(ops, job.id, text, 2400)
 
 
 def test_broadcast_over_rest_with_an_idempotency_key(ops):
