@@ -387,19 +387,19 @@ def test_a_child_run_killed_mid_range_is_replaced_without_duplicates(ops):
     job = create_job(ops.engine, 2400, rate=150.0, text=text)
     ops.start("send-job/send-job", {"job_id": str(job.id)})
 
-    def sending_child() -> dict | None:
-        return next(
-            (
-                r
-                for r in ops.send_job_runs(job.id)
-                if r["parameters"].get("shard") is not None and r["state"]["type"] == "RUNNING"
-            ),
-            None,
-        )
+    def sending_child() -> str | None:
+        with ops.engine.connect() as connection:
+            return connection.execute(
+                sa.text(
+                    "SELECT lease_owner FROM send_job_shards WHERE job_id = :id "
+                    "AND status = 'running' LIMIT 1"
+                ),
+                {"id": job.id},
+            ).scalar()
 
     child = ops.wait_for(sending_child, "a child run sending")
     ops.wait_for(lambda: job_row(ops.engine, job.id).sent >= 200, "sending to start")
-    ops.kill_run(child["id"])
+    ops.kill_run(child)
     _ended(ops, job.id, WAIT_SECONDS + SCHEDULE_WAIT_SECONDS)
     _sent_once_within_the_bound(ops, job.id, text, 2400)
 
