@@ -87,6 +87,8 @@ def pause_job(session: Session, *, job_id: uuid.UUID, reason: str = "paused by r
     job = get_job(session, job_id=job_id, for_update=True)
     if job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
         raise JobStateConflict(job_id, job.status, "only pending or running jobs can be paused")
+    if job.cancel_requested:
+        raise JobStateConflict(job_id, job.status, "a cancel was requested; it ends cancelled")
     job.status, job.last_error = JobStatus.PAUSED, reason
     session.add(job)
     session.flush()

@@ -23,7 +23,7 @@ from sqlmodel import Session
 from pagecast.errors import LeaseLost
 from pagecast.faults import crash_point
 from pagecast.leases import Lease, fence_sql, lease_params
-from pagecast.models import JobStatus, SendJob
+from pagecast.models import TERMINAL_JOB_STATUSES, JobStatus, SendJob
 from pagecast.recipients import cancel_pending, pending_count, release
 from pagecast.repo import get_job
 from pagecast.settings import Settings
@@ -67,8 +67,9 @@ _CLAIM = sa.text(
 )
 _DEAD_RUNS = sa.text(
     """
-    SELECT id, cancel_requested FROM send_jobs
-    WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => :lease_seconds)
+    SELECT id, cancel_requested, status FROM send_jobs
+    WHERE lease_owner IS NOT NULL
+      AND heartbeat_at < now() - make_interval(secs => :lease_seconds)
       AND (CAST(:job_id AS uuid) IS NULL OR id = :job_id)
     ORDER BY heartbeat_at
     LIMIT :limit
@@ -125,15 +126,16 @@ def end_dead_runs(
     session: Session, *, recovery: Recovery, job_id: uuid.UUID | None = None, limit: int = 100
 ) -> list[DeadRun]:
     """End the runs whose runner stopped heartbeating (all of them, or ``job_id``'s): settle their
-    in-flight recipients, then make the job ``pending`` again (``failed`` when it stalled too often)
-    or, when a cancel was requested, ``cancelled``. Jobs another transaction holds are skipped."""
+    in-flight recipients, then make a running job ``pending`` again (``failed`` when it stalled too
+    often) or, when a cancel was requested, ``cancelled``. A job its runner had stopped (paused,
+    failed) keeps its status and loses the lease. Jobs another transaction holds are skipped."""
     rows = session.execute(_DEAD_RUNS, recovery.params() | {"job_id": job_id, "limit": limit}).all()
     ended = []
-    for dead_id, cancel_requested in rows:
+    for dead_id, cancel_requested, status in rows:
         settled = release(session, job_id=dead_id)
         if cancel_requested:
             status = cancel_now(session, dead_id)
-        else:
+        elif status == JobStatus.RUNNING:
             status = _end_run(
                 session,
                 "id = :job_id",
@@ -141,9 +143,22 @@ def end_dead_runs(
                 recovery,
                 "runner stopped heartbeating",
             )
-        ended.append(DeadRun(job_id=dead_id, orphans_settled=settled, status=status))
+        else:
+            _let_go(session, "id = :job_id", {"job_id": dead_id}, JobStatus(status))
+        ended.append(DeadRun(job_id=dead_id, orphans_settled=settled, status=JobStatus(status)))
         crash_point("takeover")
     return ended
+
+
+def _let_go(session: Session, where: str, params: dict[str, object], status: JobStatus) -> None:
+    """Release the lease, leaving the job ``status`` (``finished_at`` set when that is final)."""
+    session.execute(
+        sa.text(
+            "UPDATE send_jobs SET status = :status, lease_owner = NULL, heartbeat_at = NULL, "
+            f"finished_at = CASE WHEN :finished THEN now() END WHERE {where}"
+        ),
+        params | {"status": status.value, "finished": status in TERMINAL_JOB_STATUSES},
+    )
 
 
 def _end_run(
@@ -190,7 +205,9 @@ def stop_running_job(session: Session, *, lease: Lease, status: JobStatus, reaso
 
 
 def cancel_now(session: Session, job_id: uuid.UUID) -> JobStatus:
-    """Skip every pending recipient and end the job ``cancelled``."""
+    """End the job ``cancelled``: what a runner still holding it has in flight is settled (see
+    ``recipients.release``; that runner is fenced out), and every pending recipient is skipped."""
+    release(session, job_id=job_id)
     cancel_pending(session, job_id=job_id, reason=CANCELLED_REASON)
     session.execute(
         sa.text(
@@ -213,22 +230,15 @@ def finish_job(session: Session, *, lease: Lease, recovery: Recovery) -> SendJob
     job = heartbeat(session, lease=lease)
     release(session, job_id=lease.job_id)
     fence, params = fence_sql(lease), lease_params(lease)
-    if job.status == JobStatus.RUNNING and job.cancel_requested:
+    if job.cancel_requested and job.status in (JobStatus.RUNNING, JobStatus.PAUSED):
         cancel_now(session, lease.job_id)
     elif job.status == JobStatus.RUNNING and pending_count(session, lease.job_id):
         _end_run(session, fence, params, recovery, "the run ended with recipients pending")
+    elif job.status == JobStatus.RUNNING:
+        job = get_job(session, job_id=lease.job_id)
+        errors = job.failed + job.unknown
+        status = JobStatus.COMPLETED_WITH_ERRORS if errors else JobStatus.COMPLETED
+        _let_go(session, fence, params, status)
     else:
-        if job.status == JobStatus.RUNNING:
-            job = get_job(session, job_id=lease.job_id)
-            errors = job.failed + job.unknown
-            status = JobStatus.COMPLETED_WITH_ERRORS if errors else JobStatus.COMPLETED
-        else:
-            status = JobStatus(job.status)
-        session.execute(
-            sa.text(
-                "UPDATE send_jobs SET status = :status, lease_owner = NULL, heartbeat_at = NULL, "
-                f"finished_at = CASE WHEN :finished THEN now() END WHERE {fence}"
-            ),
-            params | {"status": status.value, "finished": status != JobStatus.PAUSED},
-        )
+        _let_go(session, fence, params, JobStatus(job.status))
     return get_job(session, job_id=lease.job_id)
