@@ -140,7 +140,7 @@ def _send_range(parent: JobRun, shard: int) -> None:
     lease = run.claim()
     if lease is None:
         return
-    with run.heartbeat(), run.failing_on_error():
+    with run.failing_on_error(), run.heartbeat():
         _send_chunks(run, run.job_state(), lease, progress=None)
     run.finish()
 
@@ -208,7 +208,7 @@ def _send_whole_job(run: JobRun, lease: Lease) -> SendJob:
     progress = create_progress_artifact(
         _percent(job), key=f"pagecast-job-{job.id}-progress", description=f"job {job.id}"
     )
-    with run.heartbeat(), run.failing_on_error():
+    with run.failing_on_error(), run.heartbeat():
         if _has_token(run, lease, job):
             _send_or_supervise(run, job, lease, progress)
     job = run.finish()

@@ -7,16 +7,18 @@ receives two strings, never a list of recipients. What a row goes through is in
 
 At most ``MARK_AHEAD_SECONDS`` × rate rows are marked ahead of a connection, and at most the
 job's concurrency are in flight: with the recorder's flush interval that bounds how many rows a
-crash can leave ``unknown``.
+crash can leave ``unknown`` (see docs/reliability.md).
 """
 
 import asyncio
+import logging
 import math
 import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -40,7 +42,7 @@ from pagecast.leases import Lease
 from pagecast.models import MAX_TEXT_LENGTH, JobStatus, MessagingType, RecipientStatus, SendJob
 from pagecast.ratelimit import Pacer
 from pagecast.recipients import Claimed, Outcome
-from pagecast.recorder import Recorder, shared_recorder
+from pagecast.recorder import FLUSH_SECONDS, Recorder, shared_recorder
 from pagecast.repo import get_job
 from pagecast.validation import render_text
 
@@ -50,6 +52,8 @@ THROTTLE_TRIES = 20
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 4.0
 MARK_AHEAD_SECONDS = 0.25
+BOUND_SECONDS = 0.5
+_log = logging.getLogger(__name__)
 TEXT_TOO_LONG = "rendered_text_too_long"
 
 
@@ -187,7 +191,7 @@ class ChunkSender:
                 tag=job.tag,
             )
         except ThrottledError as exc:
-            await self._pacer.throttled()
+            await self._advise(self._pacer.throttled())
             return _Retry(exc, throttled=True)
         except TransientGraphError as exc:
             return _Retry(exc, throttled=False)
@@ -202,8 +206,17 @@ class ChunkSender:
                 return Outcome(psid, RecipientStatus.PENDING)
             return Outcome(psid, RecipientStatus.UNKNOWN, error=exc)
         crash_point("answer")
-        await self._pacer.observe_usage(result.usage_percent)
+        await self._advise(self._pacer.observe_usage(result.usage_percent))
         return Outcome(psid, RecipientStatus.SENT, message_id=result.message_id)
+
+    async def _advise(self, slowing: Awaitable[None]) -> None:
+        """Slow the page down; a failure to do so (the database) never costs the answer."""
+        try:
+            await slowing
+        except Exception as error:
+            _log.warning(
+                "job %s: could not slow page %s down: %s", self._job.id, self._job.page_id, error
+            )
 
     async def _call(self, recipient: Claimed, text: str) -> Outcome | _Retry | None:
         """Mark, wait for the slot and a connection, call; ``None`` when the chunk stopped first
@@ -258,8 +271,7 @@ class ChunkSender:
 
     async def run(self, claimed: list[Claimed]) -> None:
         """Send to every claimed recipient that needs a call and hand every outcome to the
-        recorder (the run drains it before it ends); after an unexpected error, waits until every
-        outcome is recorded and re-raises the first."""
+        recorder; re-raises the first unexpected error after every recipient is settled."""
         windowed = self._job.messaging_type != MessagingType.MESSAGE_TAG
         to_send = []
         for recipient in claimed:
@@ -277,8 +289,17 @@ class ChunkSender:
         self._pacer.expect(len(to_send))
         await asyncio.gather(*(self._guarded(r, text) for r, text in to_send))
         if self.error is not None:
-            await self._recorder.drain()  # a retry of the chunk must find every answer recorded
             raise self.error
+
+
+def _shares(job: SendJob, chunks: int) -> tuple[int, int]:
+    """One chunk's connections and mark-ahead budget. Rows marked and not yet recorded stay within
+    concurrency + ``BOUND_SECONDS`` × rate, answers awaiting a flush included: the marked-ahead rows
+    take their part first, and only what exceeds it comes out of the connections."""
+    rate = job.rate_per_second
+    ahead = math.ceil(rate * MARK_AHEAD_SECONDS / chunks) + 1
+    marked = job.concurrency + int(rate * (BOUND_SECONDS - FLUSH_SECONDS)) - ahead * chunks
+    return max(1, min(job.concurrency, marked) // chunks), ahead
 
 
 _pacers: dict[tuple[str, str, float], Pacer] = {}
@@ -326,23 +347,29 @@ async def send_chunk(
     the job ``failed``. The job's concurrency and mark-ahead budget are shared by the
     ``chunks_in_flight`` chunks its run sends at once; ``client_factory(concurrency)`` builds the
     Graph client for this chunk's share. Database work retries for ``give_up_after`` seconds."""
-    job, claimed = await asyncio.to_thread(_claim, engine, lease, bounds, give_up_after)
-    crash_point("chunk-claimed")
-    if not claimed:
-        return ChunkResult()
-    concurrency = max(1, math.ceil(job.concurrency / chunks_in_flight))
-    mark_ahead = math.ceil(job.rate_per_second * MARK_AHEAD_SECONDS / chunks_in_flight) + 1
     with shared_recorder(engine, lease, give_up_after=give_up_after) as recorder:
-        async with client_factory(concurrency) as client:
-            sender = ChunkSender(
-                job=job,
-                client=client,
-                pacer=_pacer(engine, job, give_up_after),
-                recorder=recorder,
-                concurrency=concurrency,
-                mark_ahead=mark_ahead,
-            )
-            await sender.run(claimed)
+        if recorder.holds_answers():  # answers an earlier attempt could not record go first
+            await recorder.drain()
+        job, claimed = await asyncio.to_thread(_claim, engine, lease, bounds, give_up_after)
+        crash_point("chunk-claimed")
+        if not claimed:
+            return ChunkResult()
+        concurrency, mark_ahead = _shares(job, chunks_in_flight)
+        try:
+            async with client_factory(concurrency) as client:
+                sender = ChunkSender(
+                    job=job,
+                    client=client,
+                    pacer=_pacer(engine, job, give_up_after),
+                    recorder=recorder,
+                    concurrency=concurrency,
+                    mark_ahead=mark_ahead,
+                )
+                await sender.run(claimed)
+        except BaseException:
+            with suppress(Exception):  # a retry of the chunk must find every answer recorded
+                await recorder.drain()
+            raise
         stopped = recorder.stopping
     if sender.fatal is not None:
         reason = f"{sender.fatal.code_key}: {sender.fatal.message}"

@@ -56,18 +56,26 @@ def ensure_startable(session: Session, *, job_id: uuid.UUID, recovery: Recovery)
     return job
 
 
-def cancel_job(session: Session, *, job_id: uuid.UUID) -> SendJob:
-    """Cancel a job: at once when no runner holds it, else by a flag its runner checks per chunk."""
+def cancel_job(session: Session, *, job_id: uuid.UUID, recovery: Recovery = Recovery()) -> SendJob:
+    """Cancel a job: at once when no live runner holds it, else by a flag its runner acts on (it
+    stops calling, records what it sent, and ends the job ``cancelled``)."""
     job = get_job(session, job_id=job_id, for_update=True)
-    if job.status in (JobStatus.PENDING, JobStatus.PAUSED):
-        cancel_now(session, job_id)
-    elif job.status == JobStatus.RUNNING:
+    if job.status not in (JobStatus.PENDING, JobStatus.PAUSED, JobStatus.RUNNING):
+        raise JobStateConflict(job_id, job.status, "it has ended and cannot be cancelled")
+    held = session.execute(
+        sa.text(
+            "SELECT lease_owner IS NOT NULL AND heartbeat_at >= now() - "
+            "make_interval(secs => :lease_seconds) FROM send_jobs WHERE id = :job_id"
+        ),
+        {"job_id": job_id, "lease_seconds": recovery.lease_seconds},
+    ).scalar_one()
+    if held:
         session.execute(
             sa.text("UPDATE send_jobs SET cancel_requested = true WHERE id = :job_id"),
             {"job_id": job_id},
         )
     else:
-        raise JobStateConflict(job_id, job.status, "it has ended and cannot be cancelled")
+        cancel_now(session, job_id)
     return get_job(session, job_id=job_id)
 
 

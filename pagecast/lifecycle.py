@@ -28,8 +28,6 @@ from pagecast.recipients import cancel_pending, pending_count, release
 from pagecast.repo import get_job
 from pagecast.settings import Settings
 
-CANCELLED_REASON = "job_cancelled"
-
 
 @dataclass(frozen=True)
 class Recovery:
@@ -62,6 +60,7 @@ _CLAIM = sa.text(
         heartbeat_at = now(), started_at = COALESCE(started_at, now()), finished_at = NULL,
         progress_at_claim = sent + failed + skipped, waiting_for = NULL
     WHERE id = :job_id AND status = 'pending' AND NOT cancel_requested AND scheduled_at <= now()
+      AND lease_owner IS NULL
     RETURNING attempt
     """
 )
@@ -208,7 +207,7 @@ def cancel_now(session: Session, job_id: uuid.UUID) -> JobStatus:
     """End the job ``cancelled``: what a runner still holding it has in flight is settled (see
     ``recipients.release``; that runner is fenced out), and every pending recipient is skipped."""
     release(session, job_id=job_id)
-    cancel_pending(session, job_id=job_id, reason=CANCELLED_REASON)
+    cancel_pending(session, job_id=job_id)
     session.execute(
         sa.text(
             "UPDATE send_jobs SET status = 'cancelled', cancel_requested = true, "
@@ -230,7 +229,7 @@ def finish_job(session: Session, *, lease: Lease, recovery: Recovery) -> SendJob
     job = heartbeat(session, lease=lease)
     release(session, job_id=lease.job_id)
     fence, params = fence_sql(lease), lease_params(lease)
-    if job.cancel_requested and job.status in (JobStatus.RUNNING, JobStatus.PAUSED):
+    if job.cancel_requested and job.status not in TERMINAL_JOB_STATUSES:
         cancel_now(session, lease.job_id)
     elif job.status == JobStatus.RUNNING and pending_count(session, lease.job_id):
         _end_run(session, fence, params, recovery, "the run ended with recipients pending")

@@ -33,6 +33,7 @@ from pagecast.errors import GraphError
 from pagecast.leases import Lease, fence_sql, lease_params
 from pagecast.models import RecipientStatus
 
+CANCELLED_REASON = "job_cancelled"
 IN_FLIGHT_KEY = "in_flight_when_runner_stopped"
 IN_FLIGHT_MESSAGE = "runner stopped while the request was in flight"
 _COUNTED = ("sent", "failed", "skipped", "unknown")
@@ -263,9 +264,9 @@ def release(
     return session.execute(_RELEASE, params).scalar_one_or_none() or 0
 
 
-def cancel_pending(session: Session, *, job_id: uuid.UUID, reason: str) -> None:
-    """Skip every pending recipient, with ``reason``."""
-    session.execute(_CANCEL, {"job_id": job_id, "reason": reason})
+def cancel_pending(session: Session, *, job_id: uuid.UUID) -> None:
+    """Skip every pending recipient: the job is cancelled."""
+    session.execute(_CANCEL, {"job_id": job_id, "reason": CANCELLED_REASON})
 
 
 def requeue(session: Session, *, job_id: uuid.UUID, include_unknown: bool) -> tuple[int, int]:

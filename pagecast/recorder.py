@@ -73,17 +73,19 @@ class Recorder:
         *,
         interval: float = FLUSH_SECONDS,
         give_up_after: float = 60.0,
+        unrecorded: list[Outcome] | None = None,
     ) -> None:
         self._engine = engine
         self._lease = lease
         self._interval = interval
         self._give_up_after = give_up_after
         self._wake = threading.Condition()
-        self._batch = _Batch()
+        self._batch = _Batch(outcomes=list(unrecorded or []))
         self._closing = False
+        self._connection: sa.Connection | None = None
         self.stop_reason: str | None = None
         self.failure: BaseException | None = None
-        self.flushes = 0
+        self.unrecorded: list[Outcome] = []
         self._thread = threading.Thread(
             target=self._run, name=f"pagecast-recorder-{lease.job_id}", daemon=True
         )
@@ -103,10 +105,19 @@ class Recorder:
         return await self._enqueue(lambda waiter: self._batch.marks.append(waiter), psid)
 
     def record(self, outcome: Outcome) -> None:
-        """Hand over an answer; the next flush records it."""
+        """Hand over an answer; the next flush records it (after a failure, the recorder that
+        replaces this one does)."""
         with self._wake:
-            self._batch.outcomes.append(outcome)
-            self._wake.notify()
+            if self.failure is not None:
+                self.unrecorded.append(outcome)
+            else:
+                self._batch.outcomes.append(outcome)
+                self._wake.notify()
+
+    def holds_answers(self) -> bool:
+        """Whether answers wait for a flush."""
+        with self._wake:
+            return bool(self._batch.outcomes)
 
     async def drain(self) -> None:
         """Wait until everything handed over before this call is recorded."""
@@ -146,6 +157,7 @@ class Recorder:
         statement; those wait for the next flush)."""
         with self._wake:
             batch = self._batch
+            batch.outcomes = list({o.psid: o for o in batch.outcomes}.values())  # the latest counts
             answered = {o.psid for o in batch.outcomes}
             self._batch = _Batch(marks=[w for w in batch.marks if w.psid in answered])
             batch.marks = [w for w in batch.marks if w.psid not in answered]
@@ -155,13 +167,21 @@ class Recorder:
         def work() -> Flushed | None:
             if batch.outcomes:
                 crash_point("before-flush")
-            with Session(self._engine) as session, session.begin():
-                return recipients.flush(
-                    session,
-                    lease=self._lease,
-                    outcomes=batch.outcomes,
-                    marks=[w.psid for w in batch.marks],
+            if self._connection is None:  # one statement per flush, no BEGIN, no COMMIT, no ping
+                self._connection = self._engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT"
                 )
+            try:
+                with Session(bind=self._connection) as session:
+                    return recipients.flush(
+                        session,
+                        lease=self._lease,
+                        outcomes=batch.outcomes,
+                        marks=[w.psid for w in batch.marks],
+                    )
+            except sa.exc.OperationalError:
+                self._disconnect()
+                raise
 
         flushed = retrying(work, give_up_after=self._give_up_after)
         if flushed is None:
@@ -171,6 +191,13 @@ class Recorder:
         if batch.outcomes:
             crash_point("after-flush")
         return flushed
+
+    def _disconnect(self) -> None:
+        if self._connection is not None:
+            with suppress(Exception):
+                self._connection.invalidate()
+                self._connection.close()
+            self._connection = None
 
     def _run(self) -> None:
         last_flush = 0.0
@@ -184,7 +211,6 @@ class Recorder:
             except Exception as error:
                 self._fail(batch, error)
                 return
-            self.flushes += 1
             if flushed.job_status != JobStatus.RUNNING or flushed.cancel_requested:
                 self.stop(
                     f"the job is {flushed.job_status}, cancel requested: {flushed.cancel_requested}"
@@ -193,6 +219,8 @@ class Recorder:
                 _resolve(waiter.loop, waiter.future, waiter.psid in flushed.marked)
             for waiter in batch.drains:
                 _resolve(waiter.loop, waiter.future, None)
+        if self._connection is not None:
+            self._connection.close()
 
     def _fail(self, batch: _Batch, error: Exception) -> None:
         failure = (
@@ -203,6 +231,8 @@ class Recorder:
         with self._wake:
             self.failure = failure
             pending, self._batch = self._batch, _Batch()
+            self.unrecorded = batch.outcomes + pending.outcomes
+        self._disconnect()
         for waiter in [*batch.marks, *batch.drains, *pending.marks, *pending.drains]:
             _resolve(waiter.loop, waiter.future, failure)
 
@@ -220,8 +250,8 @@ _shared_lock = threading.Lock()
 @contextmanager
 def shared_recorder(engine: sa.Engine, lease: Lease, *, give_up_after: float) -> Iterator[Recorder]:
     """The run's recorder in this process, started by its first user and closed (everything
-    recorded) by its last; a recorder that failed other than by losing the lease is replaced, so a
-    retried chunk starts afresh."""
+    recorded) by its last; a recorder that failed other than by losing the lease is replaced by one
+    that records what it could not, so a retried chunk starts afresh."""
     key = (str(engine.url), lease)
     with _shared_lock:
         shared = _shared.get(key)
@@ -229,7 +259,10 @@ def shared_recorder(engine: sa.Engine, lease: Lease, *, give_up_after: float) ->
             shared.recorder.failure is not None
             and not isinstance(shared.recorder.failure, LeaseLost)
         ):
-            shared = _shared[key] = _Shared(Recorder(engine, lease, give_up_after=give_up_after))
+            unrecorded = shared.recorder.unrecorded if shared else []
+            shared = _shared[key] = _Shared(
+                Recorder(engine, lease, give_up_after=give_up_after, unrecorded=unrecorded)
+            )
         shared.users += 1
     try:
         yield shared.recorder

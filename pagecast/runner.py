@@ -278,7 +278,7 @@ async def run_in_process(
             )
         )
 
-    with run.heartbeat(), run.failing_on_error():
+    with run.failing_on_error(), run.heartbeat():
         in_flight = {start(b) for b in await asyncio.to_thread(run.next_chunks, parallel)}
         while in_flight:
             done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from pagecast.leases import Lease, lease_params
-from pagecast.recipients import release
+from pagecast.recipients import cancel_pending, release
+from pagecast.repo import get_job
 
 _SPLIT_POINTS = sa.text(
     """
@@ -121,7 +122,18 @@ def claim_shard(
 
 
 def finish_shard(session: Session, *, shard: ShardLease) -> None:
-    """Release the range: ``done`` when nothing in it is pending, else ``pending`` again."""
+    """Release the range: ``done`` when nothing in it is pending, else ``pending`` again. A child
+    that lost its range changes nothing; in a cancelled job, what it gave back is skipped."""
+    params = lease_params(shard.lease) | {"after": shard.after, "last": shard.last}
+    held = session.execute(
+        sa.text(
+            "SELECT 1 FROM send_job_shards WHERE job_id = :job_id AND shard = :shard "
+            "AND lease_owner = :owner AND attempt = :attempt FOR UPDATE"
+        ),
+        params,
+    ).first()
+    if held is None:
+        return
     release(
         session,
         job_id=shard.lease.job_id,
@@ -129,6 +141,8 @@ def finish_shard(session: Session, *, shard: ShardLease) -> None:
         last=shard.last,
         shard=shard.lease.shard,
     )
+    if get_job(session, job_id=shard.lease.job_id).cancel_requested:
+        cancel_pending(session, job_id=shard.lease.job_id)
     session.execute(
         sa.text(
             """
@@ -137,10 +151,10 @@ def finish_shard(session: Session, *, shard: ShardLease) -> None:
                     SELECT 1 FROM send_job_recipients r WHERE r.job_id = :job_id
                       AND r.status = 'pending' AND r.psid > :after AND r.psid <= :last
                 ) THEN 'pending' ELSE 'done' END
-            WHERE job_id = :job_id AND shard = :shard AND lease_owner = :owner AND attempt = :attempt
+            WHERE job_id = :job_id AND shard = :shard
             """
         ),
-        lease_params(shard.lease) | {"after": shard.after, "last": shard.last},
+        params,
     )
 
 

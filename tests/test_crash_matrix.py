@@ -48,7 +48,7 @@ class Case:
 CASES = [
     Case("before-claim", nothing_marked=True),
     Case("after-claim", nothing_marked=True),
-    Case("chunk-claimed@2", nothing_marked=True),
+    Case("chunk-claimed", nothing_marked=True),  # the first claim: no chunk marked yet
     Case("marked@3"),
     Case("answer@150"),  # mid-dispatch: other requests in flight
     Case("before-flush@4"),  # answers received, not yet recorded

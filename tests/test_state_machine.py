@@ -53,9 +53,9 @@ from pagecast.errors import (
 )
 from pagecast.graph import OUTSIDE_WINDOW
 from pagecast.leases import Lease
-from pagecast.lifecycle import CANCELLED_REASON, Recovery
+from pagecast.lifecycle import Recovery
 from pagecast.models import TERMINAL_JOB_STATUSES, JobStatus, RecipientStatus
-from pagecast.recipients import IN_FLIGHT_KEY, Outcome
+from pagecast.recipients import CANCELLED_REASON, IN_FLIGHT_KEY, Outcome
 from tests.engine import create_job
 
 T = TypeVar("T")
@@ -254,9 +254,13 @@ class JobMachine(RuleBasedStateMachine):
         owner = f"runner-{next(self.names)}"
         lease = self.call(lifecycle.claim_job, job_id=self.job_id, owner=owner, recovery=RECOVERY)
         if lease is None:
-            claimable = job["status"] == "pending" and not job["cancel_requested"]
-            assert not claimable, "a pending, due job was not claimed"
             dead_holder = job["lease_owner"] is not None and not self.heartbeat_is_fresh()
+            claimable = (
+                job["status"] == "pending"
+                and not job["cancel_requested"]
+                and (job["lease_owner"] is None or dead_holder)
+            )
+            assert not claimable, "a pending, due job was not claimed"
             if job["status"] != "running" and dead_holder:
                 self.assert_let_go(before)  # a dead runner's stopped job: its lease is ended
             elif job["status"] != "running" or alive:
@@ -416,7 +420,7 @@ class JobMachine(RuleBasedStateMachine):
         job, status = before.job, after.job["status"]
         assert after.job["lease_owner"] is None
         assert not after.with_status(*IN_FLIGHT), "the run ended with rows in flight"
-        if job["status"] == "paused" and job["cancel_requested"]:
+        if job["cancel_requested"] and job["status"] not in TERMINAL_JOB_STATUSES:
             assert status == "cancelled"
         elif job["status"] != "running":
             assert status == job["status"]
@@ -484,10 +488,12 @@ class JobMachine(RuleBasedStateMachine):
     def cancel(self) -> None:
         before = self.now()
         job = before.job
-        if not self._command(commands.cancel_job, job["status"] not in TERMINAL_JOB_STATUSES):
+        held = job["lease_owner"] is not None and self.heartbeat_is_fresh()
+        allowed = job["status"] not in TERMINAL_JOB_STATUSES
+        if not self._command(commands.cancel_job, allowed, recovery=RECOVERY):
             return
         after = read(self.engine, self.job_id)
-        if job["status"] == "running":  # the runner cancels at its next chunk
+        if held:  # its live runner stops calling and ends the job cancelled
             assert after.job["cancel_requested"] and after.rows == before.rows
             return
         assert after.job["status"] == "cancelled" and after.job["lease_owner"] is None
@@ -495,7 +501,7 @@ class JobMachine(RuleBasedStateMachine):
             assert after.rows[psid].status == "skipped"
             assert after.rows[psid].error_key == CANCELLED_REASON
         lost = "skipped" if job["resend_unknown"] else "unknown"
-        for psid in before.with_status("claimed", "sending"):  # a runner still held the job
+        for psid in before.with_status("claimed", "sending"):  # its runner is dead
             expected = lost if before.rows[psid].status == "sending" else "skipped"
             assert after.rows[psid].status == expected
 

@@ -281,8 +281,13 @@ def job_run(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> Non
 @handles_errors
 def job_cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
     """Cancel a job: at once if idle, else its runner stops within seconds."""
-    with db.session_scope(db.ready_engine(load_settings())) as session:
-        job = commands.cancel_job(session, job_id=_parse_job_id(job_id))
+    settings = load_settings()
+    with db.session_scope(db.ready_engine(settings)) as session:
+        job = commands.cancel_job(
+            session,
+            job_id=_parse_job_id(job_id),
+            recovery=lifecycle.Recovery.from_settings(settings),
+        )
     stderr.print(
         f"job {job.id}: {'cancelled' if job.status == JobStatus.CANCELLED else 'cancel requested'}"
     )
