@@ -106,15 +106,23 @@ def _alembic_config(connection: sa.Connection | None = None) -> Config:
     return config
 
 
+def without_timeouts(connection: sa.Connection) -> None:
+    """Lift ``statement_timeout`` and ``lock_timeout`` for the rest of the transaction (bulk
+    work that may rightly take long: migrations, large imports)."""
+    connection.execute(sa.text("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0"))
+
+
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     """Apply migrations up to ``revision``."""
     with engine.begin() as connection:
+        without_timeouts(connection)
         command.upgrade(_alembic_config(connection), revision)
 
 
 def downgrade(engine: sa.Engine, revision: str) -> None:
     """Revert migrations down to ``revision`` (``"base"`` removes every table)."""
     with engine.begin() as connection:
+        without_timeouts(connection)
         command.downgrade(_alembic_config(connection), revision)
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col, select
 
 from pagecast.audience import ContactRow, ParsedRecipients
+from pagecast.db import without_timeouts
 from pagecast.errors import IdempotencyConflict, InvalidAudience, JobNotFound
 from pagecast.models import RecipientStatus, SendJob, SendJobRecipient
 from pagecast.validation import Message
@@ -177,6 +178,7 @@ def create_job(session: Session, *, request: JobRequest) -> CreatedJob:
     existing = _existing(session, request)
     if existing is not None:
         return existing
+    without_timeouts(session.connection())
     job_id = _insert_job(session, request)
     if job_id is None:  # a concurrent request with the same key won the insert
         existing = _existing(session, request)
@@ -277,6 +279,7 @@ class ContactImport:
 
 def import_contacts(session: Session, *, page_id: str, contacts: list[ContactRow]) -> ContactImport:
     """Insert or update a page's contacts (keyed by PSID) in one COPY and one upsert."""
+    without_timeouts(session.connection())
     session.execute(
         sa.text(
             "CREATE TEMP TABLE _contacts_in (psid text, first_name text, last_name text, "
