@@ -9,7 +9,7 @@ Exception tree::
     ├── IdempotencyConflict        an idempotency key already names a job with other parameters
     ├── MissingPageToken           no access token is configured for a page
     ├── LeaseLost                  another runner owns the job now; this one must stop writing and sending
-    ├── RunStopped                 the run cannot go on safely (it cannot record, or its heartbeat failed)
+    ├── RunStopped                 the run cannot record outcomes, so it stopped sending
     ├── InvalidInput               bad input; nothing was written or sent
     │   ├── InvalidField           one field breaks a rule (``field`` names it, ``limit`` gives the bound)
     │   └── InvalidAudience        the recipients file or filter cannot give a valid audience
@@ -98,9 +98,9 @@ class LeaseLost(PagecastError):
 
 
 class RunStopped(PagecastError):
-    """The run stopped sending because it could not go on safely: it cannot record outcomes (the
-    database is unreachable), or it cannot renew its lease. What it sent is recorded or ``unknown``;
-    the rest is sent by the next run."""
+    """The run stopped sending because it cannot record outcomes (the database stayed unreachable
+    for ``PAGECAST_DB_RETRY_SECONDS``). What it sent is recorded or ``unknown``; the rest is sent by
+    the next run."""
 
     def __init__(self, job_id: object, reason: str) -> None:
         super().__init__(f"job {job_id}: the run stopped sending: {reason}")

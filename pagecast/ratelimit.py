@@ -216,7 +216,9 @@ class Pacer:
         for fresh in (False, True):
             if fresh:
                 self.expect(1)
-            release_at = self._claim_at_once() or await asyncio.to_thread(self._claim)
+            release_at = self._claim_at_once()
+            if release_at is None:
+                release_at = await asyncio.to_thread(self._claim)
             while (delay := release_at - self._clock()) > 0:
                 await asyncio.sleep(delay)
             if self._clock() - release_at <= LATE_SECONDS:

@@ -51,6 +51,16 @@ def _counting(moved: str) -> str:
 _LOST = "p.old = 'sending' AND NOT job.resend_unknown"
 
 
+def _settle_picked(otherwise: str) -> str:
+    """``SET`` items for picked rows (CTE ``picked(psid, old)``): those lost in flight become
+    ``unknown`` with the reason, the others ``otherwise``."""
+    return (
+        f"status = CASE WHEN {_LOST} THEN 'unknown' ELSE '{otherwise}' END, "
+        f"error_key = CASE WHEN {_LOST} THEN :lost_key ELSE r.error_key END, "
+        f"error_message = CASE WHEN {_LOST} THEN :lost_message ELSE r.error_message END"
+    )
+
+
 def _claim_sql(lease: Lease) -> sa.TextClause:
     return sa.text(
         f"""
@@ -64,9 +74,7 @@ def _claim_sql(lease: Lease) -> sa.TextClause:
             FOR UPDATE OF r
         ), moved AS (
             UPDATE send_job_recipients r
-            SET status = CASE WHEN {_LOST} THEN 'unknown' ELSE 'claimed' END,
-                error_key = CASE WHEN {_LOST} THEN :lost_key ELSE r.error_key END,
-                error_message = CASE WHEN {_LOST} THEN :lost_message ELSE r.error_message END
+            SET {_settle_picked("claimed")}
             FROM picked p, job WHERE r.job_id = job.id AND r.psid = p.psid
             RETURNING r.psid, p.old, r.status AS new, r.first_name, r.last_name
         ), counted AS (
@@ -131,9 +139,7 @@ _RELEASE = sa.text(
         FOR UPDATE OF r
     ), moved AS (
         UPDATE send_job_recipients r
-        SET status = CASE WHEN {_LOST} THEN 'unknown' ELSE 'pending' END,
-            error_key = CASE WHEN {_LOST} THEN :lost_key ELSE r.error_key END,
-            error_message = CASE WHEN {_LOST} THEN :lost_message ELSE r.error_message END
+        SET {_settle_picked("pending")}
         FROM picked p, job WHERE r.job_id = :job_id AND r.psid = p.psid
         RETURNING p.old, r.status AS new
     )

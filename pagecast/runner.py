@@ -229,13 +229,11 @@ class JobRun:
             self.engine, lease, give_up_after=self.settings.db_retry_seconds
         ) as recorder:
             self._recorder = recorder
-
-            def halt(reason: str) -> None:
-                self._stop_reason = self._stop_reason or reason
-                recorder.stop(reason)
-
             thread = threading.Thread(
-                target=beat, args=(halt,), name=f"pagecast-heartbeat-{self.job_id}", daemon=True
+                target=beat,
+                args=(recorder.stop,),
+                name=f"pagecast-heartbeat-{self.job_id}",
+                daemon=True,
             )
             thread.start()
             try:
