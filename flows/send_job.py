@@ -170,7 +170,9 @@ def _supervise_shards(run: JobRun, progress: uuid.UUID) -> None:
                 logger.warning("job %s: this run sends range %d: %s", run.job_id, shard, reason)
                 _send_range(run, shard)
                 continue
-            launched.setdefault((shard, attempt), time.monotonic())
+            if (shard, attempt) in launched:
+                continue
+            launched[shard, attempt] = time.monotonic()
             run_deployment(
                 SEND_JOB_DEPLOYMENT,
                 parameters={"job_id": str(run.job_id), "shard": shard},
