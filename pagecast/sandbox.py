@@ -109,6 +109,7 @@ class Sandbox:
         self.requests = 0
         self.errors: Counter[str] = Counter()
         self.token_via: Counter[str] = Counter()
+        self.urls: Counter[str] = Counter()
         self.pages: defaultdict[str, _PageWindow] = defaultdict(_PageWindow)
         self.delivered_once: set[tuple[str, str]] = set()
         self.duplicates = 0
@@ -161,6 +162,7 @@ class Sandbox:
             "max_in_flight": self.max_in_flight,
             "errors": dict(self.errors),
             "token_via": dict(self.token_via),
+            "urls": dict(self.urls),
             "pages": {
                 page: {"delivered": w.delivered, "max_per_second": w.max_per_second}
                 for page, w in self.pages.items()
@@ -206,6 +208,7 @@ class Sandbox:
     async def handle_send(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()  # rate windows count calls as they arrive, as Meta does
         self.requests += 1
+        self.urls[request.path_qs] += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

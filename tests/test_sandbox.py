@@ -68,7 +68,12 @@ def test_records_where_the_token_came_from(sandbox):
             "access_token": "t",
         },
     )
-    assert client.get("/__stats").json()["token_via"] == {"body": 2, "header": 1, "query": 1}
+    stats = client.get("/__stats").json()
+    assert stats["token_via"] == {"body": 2, "header": 1, "query": 1}
+    assert stats["urls"] == {
+        f"/v25.0/{PAGE}/messages": 3,
+        f"/v25.0/{PAGE}/messages?access_token=t": 1,
+    }
 
 
 def test_counts_duplicate_deliveries(sandbox):
@@ -189,6 +194,7 @@ def test_config_and_reset_endpoints(sandbox):
         "max_in_flight": 0,
         "errors": {},
         "token_via": {},
+        "urls": {},
         "pages": {},
     }
 
