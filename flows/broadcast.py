@@ -30,6 +30,34 @@ from pagecast.validation import (
 _SEPARATORS = re.compile(r"[\s,;]+")
 
 
+def broadcast_request(
+    *,
+    page_id: str,
+    text: str,
+    psids: str,
+    contact_tags: list[str],
+    messaging_type: str,
+    tag: str | None,
+    concurrency: int,
+    rate_per_second: float,
+    allow_high_volume: bool,
+    idempotency_key: str | None,
+) -> repo.JobRequest:
+    """The broadcast's parameters checked with pagecast's rules, which the schema only approaches
+    (it counts text in code points, not UTF-16 units): a job request, or ``InvalidInput``."""
+    entries = [p for p in _SEPARATORS.split(psids) if p]
+    if bool(entries) == bool(contact_tags):
+        raise InvalidInput("audience: give either psids or contact_tags")
+    return repo.JobRequest(
+        page_id=validate_page_id(page_id),
+        message=validate_message(text, messaging_type, tag),
+        audience=recipients_from_psids(entries) if entries else repo.TagFilter(tuple(contact_tags)),
+        concurrency=validate_concurrency(concurrency),
+        rate_per_second=validate_rate(rate_per_second, allow_high_volume=allow_high_volume),
+        idempotency_key=validate_idempotency_key(idempotency_key),
+    )
+
+
 @flow(name="broadcast")
 def broadcast(
     page_id: Annotated[str, Field(pattern=r"^[0-9]{1,32}$", description="The Facebook Page id")],
@@ -60,17 +88,17 @@ def broadcast(
 ) -> dict[str, Any]:
     """Create a pagecast job and send it; nothing is written when a value is invalid."""
     logger = get_run_logger()
-    entries = [p for p in _SEPARATORS.split(psids) if p]
-    if bool(entries) == bool(contact_tags):
-        raise InvalidInput("audience: give either psids or contact_tags")
-    audience = recipients_from_psids(entries) if entries else repo.TagFilter(tuple(contact_tags))
-    request = repo.JobRequest(
-        page_id=validate_page_id(page_id),
-        message=validate_message(text, messaging_type, tag),
-        audience=audience,
-        concurrency=validate_concurrency(concurrency),
-        rate_per_second=validate_rate(rate_per_second, allow_high_volume=allow_high_volume),
-        idempotency_key=validate_idempotency_key(idempotency_key),
+    request = broadcast_request(
+        page_id=page_id,
+        text=text,
+        psids=psids,
+        contact_tags=contact_tags,
+        messaging_type=messaging_type,
+        tag=tag,
+        concurrency=concurrency,
+        rate_per_second=rate_per_second,
+        allow_high_volume=allow_high_volume,
+        idempotency_key=idempotency_key,
     )
     with session_scope(ready_engine(get_settings())) as session:
         created = repo.create_job(session, request=request)

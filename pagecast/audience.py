@@ -1,20 +1,26 @@
 """Reading audiences from files: one PSID a line, or CSV with a ``psid`` column.
 
+Files are UTF-8 (a BOM is dropped) and read line by line, so their size does not raise memory.
+
 Recipient files may carry ``first_name``/``last_name`` columns; contact files may also carry
 ``tags`` (separated by ``;`` or ``|``), ``opted_out`` and ``last_interaction_at`` (ISO 8601).
 """
 
 import csv
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 
 from pagecast.errors import InvalidAudience, LineProblem
 from pagecast.models import MAX_PSID_LENGTH
 
 _DIGITS = re.compile(r"[0-9]+")
+_DELIMITERS = (",", ";", "\t")
+_MAX_LINE_BYTES = 64 * 1024
+_KEPT_PROBLEMS = 100
 _TAG_SEPARATORS = re.compile(r"[;|]")
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"", "0", "false", "no", "n", "f"}
@@ -41,113 +47,157 @@ class ContactRow:
     last_interaction_at: datetime | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParsedRecipients:
-    """Unique recipients in file order, the PSIDs listed more than once, and where they came from."""
+    """A validated audience. Iterating it reads the recipients again in listed order, duplicates
+    included, so a file of millions of lines never sits in memory; the database keeps the first
+    row of each PSID."""
 
-    recipients: list[Recipient]
     source: str
-    duplicates: list[str] = field(default_factory=list)
+    read: Callable[[], Iterator[Recipient]] = field(repr=False)
+
+    def __iter__(self) -> Iterator[Recipient]:
+        return self.read()
 
     def describe(self) -> str:
         return self.source
 
 
 def psid_problem(psid: str) -> str | None:
-    """Why ``psid`` is not a valid page-scoped id, or ``None`` when it is."""
+    """Why ``psid`` is not a valid page-scoped id, or ``None`` when it is. Meta's PSIDs are
+    decimal numbers: a leading zero means the id was padded or retyped, and would be a second,
+    different recipient next to the unpadded one."""
     if not psid:
         return "empty PSID"
     if not _DIGITS.fullmatch(psid):
-        return f"PSID {psid[:40]!r} is not numeric"
+        return f"PSID {psid[:40]!r} is not numeric (digits 0-9 only)"
     if len(psid) > MAX_PSID_LENGTH:
         return f"PSID is {len(psid)} digits, the limit is {MAX_PSID_LENGTH}"
+    if psid.startswith("0"):
+        return f"PSID {psid!r} starts with 0, which Meta's PSIDs never do"
     return None
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise InvalidAudience(f"recipients file {str(path)!r} does not exist or is not a file")
+def _decode(label: str, number: int, raw: bytes) -> str:
+    if len(raw) > _MAX_LINE_BYTES:
+        raise InvalidAudience(f"{label} line {number} is longer than {_MAX_LINE_BYTES} bytes")
     try:
-        return path.read_text(encoding="utf-8-sig")
+        line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidAudience(
-            f"{str(path)!r} is not readable UTF-8 text (byte {exc.start})"
+            f"{label} line {number} is not UTF-8 text (byte {exc.start + 1} of the line); "
+            "save the file as UTF-8"
         ) from None
+    if "\x00" in line:
+        raise InvalidAudience(
+            f"{label} line {number} holds a NUL byte: a binary or UTF-16 file, not UTF-8 text"
+        )
+    return line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The file's lines (endings kept), numbered from 1 and decoded as UTF-8 without a BOM."""
+    label = repr(str(path))
+    if not path.is_file():
+        raise InvalidAudience(f"file {label} does not exist or is not a file")
+    try:
+        with path.open("rb") as file:
+            raw_lines = iter(lambda: file.readline(_MAX_LINE_BYTES + 1), b"")
+            for number, raw in enumerate(raw_lines, start=1):
+                yield number, _decode(label, number, raw)
     except OSError as exc:
-        raise InvalidAudience(f"{str(path)!r} cannot be read: {exc.strerror}") from None
+        raise InvalidAudience(f"{label} cannot be read: {exc.strerror}") from None
 
 
-def _is_csv(text: str) -> bool:
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    return "," in first or first.strip().lower() == "psid"
+def _header(line: str, delimiter: str) -> list[str]:
+    return [name.strip().lower() for name in next(csv.reader([line], delimiter=delimiter))]
 
 
-def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, str]]]:
-    reader = csv.DictReader(text.splitlines())
+def _delimiter(first: str) -> str | None:
+    """The CSV delimiter of a first line, or ``None`` for a one-PSID-a-line file: the delimiter
+    that gives a ``psid`` column, else the most frequent one (the CSV then lacks that column)."""
+    first = first.strip()
+    found = [d for d in _DELIMITERS if d in first]
+    if not found:
+        return "," if first.lower() == "psid" else None
+    return next((d for d in found if "psid" in _header(first, d)), max(found, key=first.count))
+
+
+def _csv_rows(
+    label: str, delimiter: str, header_line: int, lines: Iterable[str]
+) -> Iterator[tuple[int, dict[str, str]]]:
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    skipped = header_line - 1  # blank and comment lines before the header
     try:
         header = [name.strip().lower() for name in reader.fieldnames or []]
-    except csv.Error as exc:
-        raise InvalidAudience(f"{str(path)!r} is not a readable CSV: {exc}") from None
-    if "psid" not in header:
-        raise InvalidAudience(
-            f"{str(path)!r} is a CSV without a 'psid' column (columns: {', '.join(header) or 'none'})"
-        )
-    reader.fieldnames = header
-    try:
+        if "psid" not in header:
+            raise InvalidAudience(
+                f"{label} is a CSV without a 'psid' column (columns: {', '.join(header) or 'none'})"
+            )
+        reader.fieldnames = header
         for row in reader:
             if row.get(None):
                 raise InvalidAudience(
-                    f"{str(path)!r} is not a readable CSV: line {reader.line_num} has "
-                    f"more fields than the header"
+                    f"{label} is not a readable CSV: line {skipped + reader.line_num} has more "
+                    "fields than the header"
                 )
-            yield reader.line_num, {k: (v or "").strip() for k, v in row.items() if k}
+            yield skipped + reader.line_num, {k: (v or "").strip() for k, v in row.items() if k}
     except csv.Error as exc:
         raise InvalidAudience(
-            f"{str(path)!r} is not a readable CSV: line {reader.line_num}: {exc}"
+            f"{label} is not a readable CSV: line {skipped + reader.line_num}: {exc}"
         ) from None
 
 
-def _plain_rows(text: str) -> Iterator[tuple[int, dict[str, str]]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        value = line.strip()
-        if value and not value.startswith("#"):
-            yield number, {"psid": value}
+def _is_content(line: str) -> bool:
+    value = line.strip()
+    return bool(value) and not value.startswith("#")
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    text = _read_text(path)
-    return _csv_rows(path, text) if _is_csv(text) else _plain_rows(text)
+    """The rows of a one-PSID-a-line file (blank and ``#`` lines skipped), or of a CSV whose header
+    is its first line (separated by ``,``, ``;`` or tabs), streamed."""
+    lines = _lines(path)
+    first = next(((number, line) for number, line in lines if _is_content(line)), None)
+    if first is None:
+        return
+    rest = chain([first], lines)
+    delimiter = _delimiter(first[1])
+    if delimiter is None:
+        yield from ((number, {"psid": line.strip()}) for number, line in rest if _is_content(line))
+    else:
+        yield from _csv_rows(repr(str(path)), delimiter, first[0], (line for _, line in rest))
 
 
-def _recipients_from_rows(
-    label: str, source: str, rows: list[tuple[int, dict[str, str]]]
-) -> ParsedRecipients:
-    problems = [
-        LineProblem(number, reason)
-        for number, row in rows
-        if (reason := psid_problem(row.get("psid", ""))) is not None
-    ]
-    if problems:
-        raise InvalidAudience(f"{label} has {len(problems)} invalid PSID(s):", problems)
-    if not rows:
+def _recipients(label: str, rows: Iterable[tuple[int, dict[str, str]]]) -> Iterator[Recipient]:
+    """The recipients of ``rows``, up to the first bad PSID; after the last row,
+    ``InvalidAudience`` lists the bad ones."""
+    problems: list[LineProblem] = []
+    bad = 0
+    for number, row in rows:
+        reason = psid_problem(row.get("psid", ""))
+        if reason is not None:
+            bad += 1
+            if len(problems) < _KEPT_PROBLEMS:
+                problems.append(LineProblem(number, reason))
+        elif not bad:
+            yield Recipient(
+                row["psid"], row.get("first_name") or None, row.get("last_name") or None
+            )
+    if bad:
+        raise InvalidAudience(f"{label} has {bad} invalid PSID(s):", problems, problem_count=bad)
+
+
+def _checked(label: str, source: str, read: Callable[[], Iterator[Recipient]]) -> ParsedRecipients:
+    listed = sum(1 for _ in read())  # a whole pass: every line is checked
+    if not listed:
         raise InvalidAudience(f"{label} lists no recipients")
-    parsed = ParsedRecipients(recipients=[], source=source)
-    seen: set[str] = set()
-    for _, row in rows:
-        psid = row["psid"]
-        if psid in seen:
-            parsed.duplicates.append(psid)
-            continue
-        seen.add(psid)
-        parsed.recipients.append(
-            Recipient(psid, row.get("first_name") or None, row.get("last_name") or None)
-        )
-    return parsed
+    return ParsedRecipients(source=source, read=read)
 
 
 def read_recipients(path: Path) -> ParsedRecipients:
-    """Read and validate a recipients file; duplicates are dropped (first one wins) and reported."""
-    return _recipients_from_rows(repr(str(path)), f"file:{path.name}", list(_rows(path)))
+    """Check a recipients file in one streaming pass; iterating the result reads it again."""
+    label = repr(str(path))
+    return _checked(label, f"file:{path.name}", lambda: _recipients(label, _rows(path)))
 
 
 def recipients_from_psids(psids: list[str]) -> ParsedRecipients:
@@ -158,7 +208,8 @@ def recipients_from_psids(psids: list[str]) -> ParsedRecipients:
         for number, psid in enumerate(psids, start=1)
         if psid.strip()
     ]
-    return _recipients_from_rows("the PSID list", "psid list", rows)
+    label = "the PSID list"
+    return _checked(label, "psid list", lambda: _recipients(label, rows))
 
 
 def _parse_bool(value: str) -> bool | None:

@@ -40,11 +40,12 @@ from pagecast.faults import crash_point
 from pagecast.graph import OUTSIDE_WINDOW, GraphClient
 from pagecast.leases import Lease
 from pagecast.models import MAX_TEXT_LENGTH, JobStatus, MessagingType, RecipientStatus, SendJob
+from pagecast.outages import OutageWatch
 from pagecast.ratelimit import Pacer
 from pagecast.recipients import Claimed, Outcome
 from pagecast.recorder import FLUSH_SECONDS, Recorder, shared_recorder
 from pagecast.repo import get_job
-from pagecast.validation import render_text
+from pagecast.validation import render_text, text_length
 
 TRANSIENT_TRIES = 6
 UNEXPECTED_ERROR_TRIES = 4  # code 2 also means "the user blocked the page": only a few tries
@@ -148,9 +149,12 @@ class ChunkSender:
 
     Throttled calls wait for the page's slowed-down schedule; other transient failures back off
     exponentially (with jitter), up to ``TRANSIENT_TRIES`` calls (``UNEXPECTED_ERROR_TRIES`` code 2
-    answers), then fail as retryable. A job-fatal error, a stop of the run (pause, cancel, lost
-    lease, a database it cannot record in) ends the chunk: recipients not called go back to
-    ``pending``. One recipient's failure, of any kind, never costs another its outcome."""
+    answers), then fail as retryable — except during an outage of the Send API
+    (``pagecast.outages``), which holds the page and costs nobody a try until it has lasted
+    ``outage_pause_after`` seconds: then the job pauses. A job-fatal error, a stop of the run
+    (pause, cancel, lost lease, a database it cannot record in) ends the chunk: recipients not
+    called go back to ``pending``. One recipient's failure, of any kind, never costs another its
+    outcome."""
 
     def __init__(
         self,
@@ -158,22 +162,27 @@ class ChunkSender:
         job: SendJob,
         client: GraphClient,
         pacer: Pacer,
+        outage: OutageWatch,
         recorder: Recorder,
         concurrency: int,
         mark_ahead: int,
+        outage_pause_after: float = 300.0,
     ) -> None:
         self._job = job
         self._client = client
         self._pacer = pacer
+        self._outage = outage
+        self._outage_pause_after = outage_pause_after
         self._recorder = recorder
         self._permits = asyncio.Semaphore(concurrency)
         self._ahead = asyncio.Semaphore(mark_ahead)
         self.fatal: JobFatalGraphError | None = None
+        self.outage_error: GraphError | None = None
         self.error: BaseException | None = None
         self.outcomes: list[Outcome] = []
 
     def _stopping(self) -> bool:
-        return self.fatal is not None or self._recorder.stopping
+        return self.fatal is not None or self.outage_error is not None or self._recorder.stopping
 
     def _settle(self, outcome: Outcome) -> None:
         self._recorder.record(outcome)
@@ -191,23 +200,44 @@ class ChunkSender:
                 tag=job.tag,
             )
         except ThrottledError as exc:
-            await self._advise(self._pacer.throttled())
+            self._outage.answered()
+            await self._advise(self._pacer.throttled(exc.retry_after))
             return _Retry(exc, throttled=True)
         except TransientGraphError as exc:
+            await self._failed(psid, exc)
             return _Retry(exc, throttled=False)
-        except RecipientGraphError as exc:
-            status = RecipientStatus.SKIPPED if exc.skip_reason else RecipientStatus.FAILED
-            return Outcome(psid, status, error=exc, reason=exc.skip_reason)
-        except JobFatalGraphError as exc:
-            self.fatal = self.fatal or exc
-            return Outcome(psid, RecipientStatus.PENDING)
         except AmbiguousDelivery as exc:
+            await self._failed(psid, exc)
             if job.resend_unknown:
                 return Outcome(psid, RecipientStatus.PENDING)
             return Outcome(psid, RecipientStatus.UNKNOWN, error=exc)
+        except RecipientGraphError as exc:
+            self._outage.answered()
+            status = RecipientStatus.SKIPPED if exc.skip_reason else RecipientStatus.FAILED
+            return Outcome(psid, status, error=exc, reason=exc.skip_reason)
+        except JobFatalGraphError as exc:
+            self._outage.answered()
+            self.fatal = self.fatal or exc
+            return Outcome(psid, RecipientStatus.PENDING)
         crash_point("answer")
+        self._outage.answered()
         await self._advise(self._pacer.observe_usage(result.usage_percent))
         return Outcome(psid, RecipientStatus.SENT, message_id=result.message_id)
+
+    async def _failed(self, psid: str, error: GraphError) -> None:
+        """A call failed without an answer from Meta: hold the page when that makes an outage,
+        and stop the chunk once the outage has lasted too long."""
+        hold = self._outage.failed(psid)
+        if hold is not None:
+            _log.warning(
+                "page %s: the Send API fails every call (%s); holding sends for %.0f s",
+                self._job.page_id,
+                error.code_key,
+                hold,
+            )
+            await self._advise(self._pacer.hold(hold))
+        if self._outage.failing_for() > self._outage_pause_after:
+            self.outage_error = self.outage_error or error
 
     async def _advise(self, slowing: Awaitable[None]) -> None:
         """Slow the page down; a failure to do so (the database) never costs the answer."""
@@ -248,6 +278,8 @@ class ChunkSender:
             if result.throttled:
                 throttled += 1
                 exhausted, wait = throttled >= THROTTLE_TRIES, 0.0
+            elif self._outage.failing_for():  # the page is held: this try costs nothing
+                exhausted, wait = False, _backoff(1)
             else:
                 transient += 1
                 unexpected += result.error.code == 2
@@ -282,7 +314,7 @@ class ChunkSender:
                 self._settle(
                     Outcome(recipient.psid, RecipientStatus.SKIPPED, reason=OUTSIDE_WINDOW)
                 )
-            elif len(text) > MAX_TEXT_LENGTH:
+            elif text_length(text) > MAX_TEXT_LENGTH:
                 self._settle(Outcome(recipient.psid, RecipientStatus.FAILED, reason=TEXT_TOO_LONG))
             else:
                 to_send.append((recipient, text))
@@ -303,6 +335,7 @@ def _shares(job: SendJob, chunks: int) -> tuple[int, int]:
 
 
 _pacers: dict[tuple[str, str, float], Pacer] = {}
+_outages: dict[tuple[str, str], OutageWatch] = {}
 
 
 def _pacer(engine: sa.Engine, job: SendJob, give_up_after: float) -> Pacer:
@@ -313,6 +346,11 @@ def _pacer(engine: sa.Engine, job: SendJob, give_up_after: float) -> Pacer:
             engine, page_id=job.page_id, rate=job.rate_per_second, give_up_after=give_up_after
         )
     return _pacers[key]
+
+
+def _outage(engine: sa.Engine, job: SendJob) -> OutageWatch:
+    """The process's outage watch of the job's page, shared by its chunks and runs."""
+    return _outages.setdefault((str(engine.url), job.page_id), OutageWatch())
 
 
 @lru_cache(maxsize=64)
@@ -342,9 +380,11 @@ async def send_chunk(
     client_factory: Callable[[int], GraphClient],
     chunks_in_flight: int = 1,
     give_up_after: float = 60.0,
+    outage_pause_after: float = 300.0,
 ) -> ChunkResult:
     """Claim the chunk's rows and send them (see the module docstring). A job-fatal answer stops
-    the job ``failed``. The job's concurrency and mark-ahead budget are shared by the
+    the job ``failed``, an outage of the Send API longer than ``outage_pause_after`` seconds
+    ``paused``. The job's concurrency and mark-ahead budget are shared by the
     ``chunks_in_flight`` chunks its run sends at once; ``client_factory(concurrency)`` builds the
     Graph client for this chunk's share. Database work retries for ``give_up_after`` seconds."""
     with shared_recorder(engine, lease, give_up_after=give_up_after) as recorder:
@@ -361,9 +401,11 @@ async def send_chunk(
                     job=job,
                     client=client,
                     pacer=_pacer(engine, job, give_up_after),
+                    outage=_outage(engine, job),
                     recorder=recorder,
                     concurrency=concurrency,
                     mark_ahead=mark_ahead,
+                    outage_pause_after=outage_pause_after,
                 )
                 await sender.run(claimed)
         except BaseException:
@@ -373,10 +415,18 @@ async def send_chunk(
         stopped = recorder.stopping
     if sender.fatal is not None:
         reason = f"{sender.fatal.code_key}: {sender.fatal.message}"
-        await asyncio.to_thread(_stop_failed, engine, lease, reason)
-    return ChunkResult.of(sender.outcomes, sender.fatal, stopped)
+        await asyncio.to_thread(_stop, engine, lease, JobStatus.FAILED, reason)
+    elif sender.outage_error is not None:
+        error = sender.outage_error
+        reason = (
+            f"paused automatically: the Send API failed every call for over "
+            f"{outage_pause_after:.0f} s (last: {error.code_key}: {error.message}); "
+            "resume the job when it is back"
+        )
+        await asyncio.to_thread(_stop, engine, lease, JobStatus.PAUSED, reason)
+    return ChunkResult.of(sender.outcomes, sender.fatal, stopped or sender.outage_error is not None)
 
 
-def _stop_failed(engine: sa.Engine, lease: Lease, reason: str) -> None:
+def _stop(engine: sa.Engine, lease: Lease, status: JobStatus, reason: str) -> None:
     with Session(engine) as session, session.begin():
-        lifecycle.stop_running_job(session, lease=lease, status=JobStatus.FAILED, reason=reason)
+        lifecycle.stop_running_job(session, lease=lease, status=status, reason=reason)

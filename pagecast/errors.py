@@ -138,7 +138,14 @@ class TransientGraphError(GraphError):
 
 
 class ThrottledError(TransientGraphError):
-    """A rate limit was hit: the page's sending rate must come down."""
+    """A rate limit was hit: the page's sending rate must come down, and no call may go out for
+    ``retry_after`` seconds when the answer said so (HTTP ``Retry-After``)."""
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, **kwargs: int | None
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
 
 
 class RecipientGraphError(GraphError):
@@ -171,14 +178,22 @@ _MAX_REPORTED_LINES = 20
 
 
 class InvalidAudience(InvalidInput):
-    """The audience cannot be built: missing or unreadable file, bad PSIDs, or nobody to send to."""
+    """The audience cannot be built: missing or unreadable file, bad PSIDs, or nobody to send to.
+    ``problems`` keeps the first bad lines; ``problem_count`` counts them all."""
 
-    def __init__(self, message: str, problems: list[LineProblem] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        problems: list[LineProblem] | None = None,
+        *,
+        problem_count: int | None = None,
+    ) -> None:
         self.problems = problems or []
+        self.problem_count = len(self.problems) if problem_count is None else problem_count
         shown = self.problems[:_MAX_REPORTED_LINES]
         lines = [message, *(f"  line {p.line}: {p.reason}" for p in shown)]
-        if len(self.problems) > len(shown):
-            lines.append(f"  … and {len(self.problems) - len(shown)} more")
+        if self.problem_count > len(shown):
+            lines.append(f"  … and {self.problem_count - len(shown)} more")
         super().__init__("\n".join(lines))
 
 

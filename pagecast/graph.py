@@ -8,8 +8,11 @@ can pass any ``transport``.
 import hashlib
 import hmac
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,8 +31,8 @@ from pagecast.errors import (
 from pagecast.settings import Settings
 
 CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 30.0
 POOL_TIMEOUT = 60.0
+MAX_RETRY_AFTER_SECONDS = 300.0
 OUTSIDE_WINDOW = "outside_24h_window"
 
 _THROTTLE_CODES = frozenset({4, 17, 32, 613, *range(80000, 80015)})
@@ -43,19 +46,28 @@ _USAGE_HEADERS = ("x-page-usage", "x-app-usage", "x-business-use-case-usage")
 _NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
-def classify(http_status: int, body: Any) -> GraphError:
-    """Turn a failed Send API response into the typed error that says what to do about it."""
+def classify(http_status: int, body: Any, *, retry_after: float | None = None) -> GraphError:
+    """Turn a failed Send API response into the typed error that says what to do about it.
+
+    An answer without Meta's error body came from something in front of the Send API: 429 and
+    503 say the request was refused (retried), any other 5xx that it may have reached Meta and
+    been lost there (``AmbiguousDelivery``: recorded ``unknown``, never resent), a 4xx that this
+    recipient's request is unacceptable."""
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
-        kind = ThrottledError if http_status == 429 else TransientGraphError
-        if http_status < 500 and http_status != 429:
-            kind = RecipientGraphError
-        return kind(f"HTTP {http_status} without a Graph error body", http_status=http_status)
+        message = f"HTTP {http_status} without a Graph error body"
+        if http_status == 429:
+            return ThrottledError(message, http_status=http_status, retry_after=retry_after)
+        if http_status == 503:
+            return TransientGraphError(message, http_status=http_status)
+        if http_status >= 500:
+            return AmbiguousDelivery(message, http_status=http_status)
+        return RecipientGraphError(message, http_status=http_status)
     code, subcode = error.get("code"), error.get("error_subcode")
     details = {"code": code, "subcode": subcode, "http_status": http_status}
     message = str(error.get("message") or f"Graph error {code}")
     if http_status == 429 or code in _THROTTLE_CODES:
-        return ThrottledError(message, **details)
+        return ThrottledError(message, retry_after=retry_after, **details)
     if code == 10 and subcode == 2018278:
         return RecipientGraphError(message, skip_reason=OUTSIDE_WINDOW, **details)
     if code in _RECIPIENT_CODES or (code, subcode) in _RECIPIENT_PAIRS:
@@ -65,6 +77,24 @@ def classify(http_status: int, body: Any) -> GraphError:
     if error.get("is_transient") or code in _TRANSIENT_CODES or http_status >= 500:
         return TransientGraphError(message, **details)
     return RecipientGraphError(message, **details)
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), at most
+    ``MAX_RETRY_AFTER_SECONDS``; ``None`` without a readable one."""
+    raw = headers.get("retry-after", "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(raw) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def _usage_percent(headers: httpx.Headers) -> float | None:
@@ -113,6 +143,7 @@ class GraphClient:
         token_for: Callable[[str], str],
         concurrency: int,
         app_secret: str | None = None,
+        send_timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -122,7 +153,7 @@ class GraphClient:
             base_url=f"{base_url.rstrip('/')}/{version}",
             transport=transport or AiohttpTransport(limits=limits),
             limits=limits,
-            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT, pool=POOL_TIMEOUT),
+            timeout=httpx.Timeout(send_timeout, connect=CONNECT_TIMEOUT, pool=POOL_TIMEOUT),
         )
 
     async def __aenter__(self) -> Self:
@@ -141,6 +172,8 @@ class GraphClient:
     ) -> SendResult:
         """Send one text message; raises a ``GraphError`` subclass on failure."""
         token = self._token_for(page_id)
+        if not (token.isascii() and token.isprintable()):  # no header can carry it: no call
+            raise JobFatalGraphError(f"the access token of page {page_id} is not printable ASCII")
         body: dict[str, Any] = {
             "recipient": {"id": psid},
             "messaging_type": messaging_type,
@@ -152,6 +185,7 @@ class GraphClient:
             body["appsecret_proof"] = hmac.new(
                 self._app_secret.encode(), token.encode(), hashlib.sha256
             ).hexdigest()
+        # Not chained to the transport's error: aiohttp's keep the request, token header included.
         try:
             response = await self._http.post(
                 f"/{page_id}/messages", json=body, headers={"Authorization": f"Bearer {token}"}
@@ -161,17 +195,19 @@ class GraphClient:
             if isinstance(cause, _NOT_SENT) or isinstance(
                 exc, httpx.ConnectError | httpx.PoolTimeout
             ):
-                raise TransientGraphError(f"not sent: {type(cause).__name__}") from exc
-            raise AmbiguousDelivery(f"no response: {type(cause).__name__}") from exc
+                raise TransientGraphError(f"not sent: {type(cause).__name__}") from None
+            raise AmbiguousDelivery(f"no response: {type(cause).__name__}") from None
         except Exception as exc:  # the transport failed in a way it should not: maybe sent
-            raise AmbiguousDelivery(f"no response: {type(exc).__name__}: {exc}") from exc
+            raise AmbiguousDelivery(f"no response: {type(exc).__name__}: {exc}") from None
         try:
             payload = response.json()
         except ValueError:
             payload = None
         if response.status_code == 200 and isinstance(payload, dict) and payload.get("message_id"):
             return SendResult(str(payload["message_id"]), _usage_percent(response.headers))
-        raise classify(response.status_code, payload)
+        if response.status_code == 200:  # accepted, but nothing proves a delivery
+            raise AmbiguousDelivery("HTTP 200 without a message_id", http_status=200)
+        raise classify(response.status_code, payload, retry_after=_retry_after(response.headers))
 
 
 def client_factory(
@@ -187,6 +223,7 @@ def client_factory(
             token_for=token_for,
             concurrency=concurrency,
             app_secret=app_secret,
+            send_timeout=settings.send_timeout_seconds,
         )
 
     return build

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import sqlalchemy as sa
 
@@ -85,6 +86,15 @@ _SLOW_DOWN = sa.text(
     """
 )
 
+_HOLD = sa.text(
+    """
+    UPDATE page_send_rates SET
+        next_slot_at = GREATEST(next_slot_at, clock_timestamp() + make_interval(secs => :pause)),
+        updated_at = clock_timestamp()
+    WHERE page_id = :page_id
+    """
+)
+
 
 @dataclass(frozen=True)
 class Reservation:
@@ -137,6 +147,14 @@ def slow_down(engine: sa.Engine, *, page_id: str, factor: float = 0.5, pause: fl
         connection.execute(_SLOW_DOWN, params)
 
 
+def hold(engine: sa.Engine, *, page_id: str, seconds: float) -> None:
+    """Let no slot of the page start within ``seconds`` (its rate stays as it is)."""
+    params = {"page_id": page_id, "pause": seconds}
+    with engine.begin() as connection:
+        connection.execute(_CREATE, params)
+        connection.execute(_HOLD, params)
+
+
 class Pacer:
     """Releases one send at a time for a page, on slots reserved in blocks of about half a second.
 
@@ -163,6 +181,7 @@ class Pacer:
         self._slots: deque[float] = deque()
         self._interval = 1.0 / (rate * PACING_MARGIN)
         self._last_release = -math.inf
+        self._paused_until = -math.inf
         self._lock = threading.Lock()
 
     def expect(self, count: int) -> None:
@@ -212,30 +231,49 @@ class Pacer:
 
         Slots that went by while the process stalled (GC, a busy event loop) are given up, not
         caught up on: spending them late would put a burst on the wire. A caller woken more than
-        ``LATE_SECONDS`` after its slot takes a fresh one, once."""
-        for fresh in (False, True):
-            if fresh:
-                self.expect(1)
+        ``LATE_SECONDS`` after its slot takes a fresh one, once; a caller whose slot fell inside a
+        pause that began while it waited (a throttle, a hold) takes one after the pause."""
+        retook_late = False
+        while True:
             release_at = self._claim_at_once()
             if release_at is None:
                 release_at = await asyncio.to_thread(self._claim)
             while (delay := release_at - self._clock()) > 0:
                 await asyncio.sleep(delay)
-            if self._clock() - release_at <= LATE_SECONDS:
-                return
+            if release_at >= self._paused_until:
+                if self._clock() - release_at <= LATE_SECONDS or retook_late:
+                    return
+                retook_late = True
+            self.expect(1)
 
-    def _slow_down(self, factor: float, pause: float) -> None:
+    def _reschedule(self, change: Callable[[], None], pause: float) -> None:
         with self._lock:
-            retrying(
-                lambda: slow_down(self._engine, page_id=self._page_id, factor=factor, pause=pause),
-                give_up_after=self._give_up_after,
-            )
+            retrying(change, give_up_after=self._give_up_after)
             if pause:
                 self._slots.clear()
 
-    async def throttled(self) -> None:
-        """Meta throttled the page: halve its rate for everyone (once per window) and pause it."""
-        await asyncio.to_thread(self._slow_down, 0.5, THROTTLE_COOLDOWN_SECONDS)
+    def _slow_down(self, factor: float, pause: float) -> None:
+        self._reschedule(
+            partial(slow_down, self._engine, page_id=self._page_id, factor=factor, pause=pause),
+            pause,
+        )
+
+    async def throttled(self, retry_after: float | None = None) -> None:
+        """Meta throttled the page: halve its rate for everyone (once per window) and pause it,
+        for ``retry_after`` seconds when the answer asked for that."""
+        pause = max(THROTTLE_COOLDOWN_SECONDS, retry_after or 0.0)
+        self._pause_here(pause)
+        await asyncio.to_thread(self._slow_down, 0.5, pause)
+
+    async def hold(self, seconds: float) -> None:
+        """Send nothing on the page, from any runner, for ``seconds``."""
+        self._pause_here(seconds)
+        change = partial(hold, self._engine, page_id=self._page_id, seconds=seconds)
+        await asyncio.to_thread(self._reschedule, change, seconds)
+
+    def _pause_here(self, seconds: float) -> None:
+        """Stop this process's callers at once, before the pause reaches the shared schedule."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
 
     async def observe_usage(self, percent: float | None) -> None:
         """Slow the page down before Meta throttles it when its usage headers run high."""

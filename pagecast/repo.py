@@ -17,7 +17,7 @@ from pagecast.errors import IdempotencyConflict, InvalidAudience, JobNotFound
 from pagecast.models import RecipientStatus, SendJob, SendJobRecipient
 from pagecast.validation import Message
 
-_COPY_RECIPIENTS = "COPY send_job_recipients (job_id, psid, first_name, last_name) FROM STDIN"
+_COPY_RECIPIENTS = "COPY _recipients_in (position, psid, first_name, last_name) FROM STDIN"
 _COPY_CONTACTS = (
     "COPY _contacts_in (psid, first_name, last_name, tags, opted_out, last_interaction_at) "
     "FROM STDIN"
@@ -135,10 +135,31 @@ def _insert_job(session: Session, request: JobRequest) -> uuid.UUID | None:
     return session.execute(statement).scalar_one_or_none()
 
 
-def _copy_recipients(session: Session, job_id: uuid.UUID, parsed: ParsedRecipients) -> None:
+def _insert_recipients(
+    session: Session, job_id: uuid.UUID, parsed: ParsedRecipients
+) -> tuple[int, int]:
+    """Stream the recipients into a scratch table, then keep the first row of each PSID; the
+    recipients inserted and the duplicates left out."""
+    session.execute(
+        sa.text(
+            "CREATE TEMP TABLE _recipients_in (position bigint, psid text, first_name text, "
+            "last_name text)"
+        )
+    )
+    copied = 0
     with _raw(session).cursor() as cursor, cursor.copy(_COPY_RECIPIENTS) as copy:
-        for recipient in parsed.recipients:
-            copy.write_row((job_id, recipient.psid, recipient.first_name, recipient.last_name))
+        for copied, recipient in enumerate(parsed, start=1):
+            copy.write_row((copied, recipient.psid, recipient.first_name, recipient.last_name))
+    inserted = session.execute(
+        sa.text(
+            "INSERT INTO send_job_recipients (job_id, psid, first_name, last_name) "
+            "SELECT DISTINCT ON (psid) :job_id, psid, first_name, last_name FROM _recipients_in "
+            "ORDER BY psid, position"
+        ),
+        {"job_id": job_id},
+    ).rowcount
+    session.execute(sa.text("DROP TABLE _recipients_in"))
+    return inserted, copied - inserted
 
 
 def _exclude_opted_out(session: Session, job_id: uuid.UUID, page_id: str) -> int:
@@ -194,10 +215,9 @@ def create_job(session: Session, *, request: JobRequest) -> CreatedJob:
                 f"{request.audience.describe()}"
             )
     else:
-        _copy_recipients(session, job_id, request.audience)
-        duplicates = len(request.audience.duplicates)
+        inserted, duplicates = _insert_recipients(session, job_id, request.audience)
         opted_out = _exclude_opted_out(session, job_id, request.page_id)
-        total = len(request.audience.recipients) - opted_out
+        total = inserted - opted_out
         if total == 0:
             raise InvalidAudience(
                 f"every recipient ({opted_out}) has opted out of page {request.page_id}"

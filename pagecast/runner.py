@@ -273,6 +273,7 @@ async def run_in_process(
                 client_factory=build_client,
                 chunks_in_flight=parallel,
                 give_up_after=settings.db_retry_seconds,
+                outage_pause_after=settings.outage_pause_seconds,
             )
         )
 

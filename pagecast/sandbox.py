@@ -5,9 +5,11 @@ validation and error bodies, and injects faults on demand: latency and jitter, a
 (code 613), transient faults (HTTP 500, codes 1/2), permanent per-PSID faults (551,
 100/2018001), outside-window faults (10/2018278), token revocation after N sends (190), and
 ambiguous faults (the message is delivered, then the connection drops), and a reported
-``X-Page-Usage`` percentage. Every delivery is appended
-to a JSONL ledger; ``GET /__stats`` reports counters, ``POST /__config`` changes the faults and
-``POST /__reset`` clears the counters.
+``X-Page-Usage`` percentage. Named faults (``FAULTS``) play what can go wrong between pagecast
+and Meta: per PSID through ``fail_psids``, for the next ``outage_calls`` calls, or for every
+call until ``outage_until`` (a storm).
+Every delivery is appended to a JSONL ledger; ``GET /__stats`` reports counters (the URLs called
+included), ``POST /__config`` changes the faults and ``POST /__reset`` clears the counters.
 """
 
 import asyncio
@@ -27,10 +29,22 @@ from typing import Any
 from aiohttp import web
 
 from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
+from pagecast.validation import text_length
 
 _LEDGER_FLUSH_SECONDS = 0.2
 _WINDOW_SECONDS = 1.0
 _FAULT_BUCKETS = 10_000
+# name → (whether the message is delivered first, what the call gets)
+FAULTS = {
+    "transient": (False, "HTTP 500, Graph error 2 (is_transient)"),
+    "throttle_429": (False, "HTTP 429 with Retry-After: retry_after_seconds, no Graph body"),
+    "html_503": (False, "HTTP 503, an HTML page"),
+    "html_502": (True, "HTTP 502, an HTML page (a gateway lost Meta's answer)"),
+    "malformed": (True, "HTTP 200, a truncated JSON body"),
+    "empty": (True, "HTTP 200, an empty body"),
+    "hang": (True, "no answer for hang_seconds, then the usual one"),
+    "reset": (False, "the connection is reset after the request arrived"),
+}
 
 
 @dataclass
@@ -47,16 +61,24 @@ class SandboxConfig:
     revoke_after: int | None = None
     usage_percent: float | None = None
     fail_psids: dict[str, str] = field(default_factory=dict)
+    outage_until: float | None = None
+    outage_calls: int = 0
+    outage_fault: str = "transient"
+    retry_after_seconds: float = 2.0
+    hang_seconds: float = 60.0
     valid_tokens: list[str] = field(default_factory=list)
     ledger_path: Path | None = None
     seed: int | None = None
 
     def update(self, changes: dict[str, Any]) -> None:
-        """Apply ``changes`` (field name → value); unknown names raise ``KeyError``."""
+        """Apply ``changes`` (field name → value); unknown names raise ``KeyError``, an unknown
+        ``outage_fault`` ``ValueError``."""
         names = {f.name for f in fields(self)}
         for name, value in changes.items():
             if name not in names:
                 raise KeyError(name)
+            if name == "outage_fault" and value not in FAULTS:
+                raise ValueError(f"unknown fault {value!r}; known: {', '.join(FAULTS)}")
             setattr(self, name, Path(value) if name == "ledger_path" and value else value)
 
 
@@ -108,6 +130,8 @@ class Sandbox:
         """Clear counters, windows, revocations and the delivered set (the ledger file stays)."""
         self.requests = 0
         self.errors: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self.first_fault_at: dict[str, float] = {}
         self.token_via: Counter[str] = Counter()
         self.urls: Counter[str] = Counter()
         self.pages: defaultdict[str, _PageWindow] = defaultdict(_PageWindow)
@@ -161,6 +185,8 @@ class Sandbox:
             "duplicates": self.duplicates,
             "max_in_flight": self.max_in_flight,
             "errors": dict(self.errors),
+            "faults": dict(self.faults),
+            "first_fault_at": self.first_fault_at.copy(),
             "token_via": dict(self.token_via),
             "urls": dict(self.urls),
             "pages": {
@@ -181,6 +207,8 @@ class Sandbox:
             self.config.update(await request.json())
         except KeyError as exc:
             return web.json_response({"error": f"unknown setting {exc}"}, status=400)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         return web.json_response(asdict(self.config), dumps=lambda v: json.dumps(v, default=str))
 
     async def _read(self, request: web.Request) -> tuple[dict[str, Any], str | None]:
@@ -220,12 +248,7 @@ class Sandbox:
         finally:
             self.in_flight -= 1
         if response is not None and response.status != 200:
-            body = json.loads(response.body)  # type: ignore[arg-type]
-            error = body["error"]
-            key = str(error["code"]) + (
-                f"/{error['error_subcode']}" if "error_subcode" in error else ""
-            )
-            self.errors[key] += 1
+            self.errors[_error_key(response)] += 1
         return response if response is not None else web.Response()
 
     async def _respond(self, request: web.Request, now: float) -> web.Response | None:
@@ -260,10 +283,22 @@ class Sandbox:
                 400, 613, "(#613) Calls to this api have exceeded the rate limit.", transient=True
             )
         fault = self._fault(psid)
-        if fault is not None:
+        if isinstance(fault, web.Response):
             return fault
         message_id = f"m_{uuid.uuid4().hex}"
-        self._deliver(window, now, page_id, psid, body["message"]["text"], message_id, token)
+        if fault is not None:
+            self.faults[fault] += 1
+            self.first_fault_at.setdefault(fault, time.time())
+            delivers, _ = FAULTS[fault]
+            if delivers:
+                self._deliver(
+                    window, now, page_id, psid, body["message"]["text"], message_id, token
+                )
+            if fault != "hang":
+                return self._named_fault(request, fault)
+            await asyncio.sleep(self.config.hang_seconds)
+        else:
+            self._deliver(window, now, page_id, psid, body["message"]["text"], message_id, token)
         if self.config.ambiguous_rate and self._rng.random() < self.config.ambiguous_rate:
             if request.transport is not None:
                 request.transport.abort()
@@ -274,9 +309,36 @@ class Sandbox:
             headers["X-Page-Usage"] = json.dumps(usage)
         return web.json_response({"recipient_id": psid, "message_id": message_id}, headers=headers)
 
-    def _fault(self, psid: str) -> web.Response | None:
+    def _named_fault(self, request: web.Request, fault: str) -> web.Response | None:
+        if fault == "transient":
+            return _graph_error(500, 2, "An unexpected error has occurred.", transient=True)
+        if fault == "throttle_429":
+            headers = {"Retry-After": f"{self.config.retry_after_seconds:g}"}
+            return web.Response(status=429, text="Too Many Requests", headers=headers)
+        if fault in ("html_502", "html_503"):
+            status = int(fault[-3:])
+            return web.Response(status=status, text=_HTML_ERROR, content_type="text/html")
+        if fault == "malformed":
+            return web.Response(
+                text='{"recipient_id": "1", "message_id', content_type="application/json"
+            )
+        if fault == "empty":
+            return web.Response(status=200)
+        if request.transport is not None:  # reset
+            request.transport.abort()
+        return None
+
+    def _fault(self, psid: str) -> web.Response | str | None:
+        """The fault this call gets: a Graph error, a name of ``FAULTS``, or ``None``."""
         config = self.config
+        if config.outage_calls > 0:
+            config.outage_calls -= 1
+            return config.outage_fault
+        if config.outage_until is not None and time.time() < config.outage_until:
+            return config.outage_fault
         if psid in config.fail_psids:
+            if config.fail_psids[psid] in FAULTS:
+                return config.fail_psids[psid]
             code, _, subcode = config.fail_psids[psid].partition("/")
             return _graph_error(
                 400,
@@ -341,6 +403,20 @@ class Sandbox:
             self._ledger.write(json.dumps(record) + "\n")
 
 
+_HTML_ERROR = (
+    "<html><head><title>Error</title></head><body>Sorry, something went wrong.</body></html>"
+)
+
+
+def _error_key(response: web.Response) -> str:
+    """``code[/subcode]`` of a Graph error answer, ``http_<status>`` of any other."""
+    try:
+        error = json.loads(response.body)["error"]  # type: ignore[arg-type]
+    except (TypeError, ValueError, KeyError):
+        return f"http_{response.status}"
+    return str(error["code"]) + (f"/{error['error_subcode']}" if "error_subcode" in error else "")
+
+
 def _invalid_payload(body: dict[str, Any]) -> str | None:
     recipient = body.get("recipient")
     if not isinstance(recipient, dict) or not recipient.get("id"):
@@ -355,7 +431,7 @@ def _invalid_payload(body: dict[str, Any]) -> str | None:
     text = message.get("text") if isinstance(message, dict) else None
     if not isinstance(text, str) or not text:
         return "(#100) param message[text] must be non-empty UTF-8 encoded string"
-    if len(text) > MAX_TEXT_LENGTH:
+    if text_length(text) > MAX_TEXT_LENGTH:
         return (
             f"(#100) Length of param message[text] must be less than or equal to {MAX_TEXT_LENGTH}"
         )
@@ -369,9 +445,9 @@ def serve(config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 8765) -
 
 @contextmanager
 def running_sandbox(
-    config: SandboxConfig, *, host: str = "127.0.0.1"
+    config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 0
 ) -> Iterator[tuple[str, Sandbox]]:
-    """Run the sandbox on a free loopback port in a background thread with its own event loop
+    """Run the sandbox on ``port`` (0: a free one) in a background thread with its own event loop
     (usable from sync and async code alike); yields its base URL and its state."""
     sandbox = Sandbox(config)
     loop = asyncio.new_event_loop()
@@ -383,7 +459,7 @@ def running_sandbox(
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, host, 0).start())
+            loop.run_until_complete(web.TCPSite(runner, host, port).start())
         except BaseException as exc:  # reported to the caller below
             failure.append(exc)
             return

@@ -64,6 +64,16 @@ class Settings(BaseSettings):
         ge=0,
         description="How long a run retries an unreachable database before it stops sending.",
     )
+    send_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait for a Send API answer; a call without one is recorded unknown.",
+    )
+    outage_pause_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a page's Send API may fail every call before its jobs pause.",
+    )
     notify_url: str | None = Field(default=None, description="Webhook for job summaries.")
     app_secret: SecretStr | None = Field(default=None, description="Adds appsecret_proof to calls.")
 

@@ -1,8 +1,15 @@
-"""Rules a send request must meet before anything is written: text, messaging type, tag, limits."""
+"""Rules a send request must meet before anything is written: text, messaging type, tag, limits.
+
+Text length is counted in UTF-16 code units, the larger of the two counts Meta may apply (an
+emoji outside the Basic Multilingual Plane is 2, a combining mark or a Hebrew letter 1): Meta
+documents "2,000 characters" without saying which unit, so pagecast never accepts a text that
+Meta could count as longer.
+"""
 
 import re
 import string
 from dataclasses import dataclass
+from datetime import datetime
 
 from pagecast.errors import InvalidField
 from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
@@ -69,15 +76,36 @@ def _check_placeholders(text: str) -> None:
             raise InvalidField("text", f"cannot be rendered: {exc}") from None
 
 
+def text_length(text: str) -> int:
+    """The length Meta's 2,000-character limit is checked against: UTF-16 code units."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def _check_storable(field: str, value: str) -> None:
+    """PostgreSQL text holds valid Unicode without NUL: refuse what it would fail on."""
+    if "\x00" in value:
+        position = value.index("\x00") + 1
+        raise InvalidField(field, f"contains a NUL character (U+0000) at position {position}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidField(
+            field, f"is not valid Unicode (a lone surrogate at position {exc.start + 1})"
+        ) from None
+
+
 def validate_message(text: str | None, messaging_type: str, tag: str | None) -> Message:
-    """Check the text (not blank, at most 2,000 characters, known placeholders) and the
+    """Check the text (not blank, at most 2,000 UTF-16 code units, known placeholders) and the
     messaging type / tag pairing Meta requires."""
     if text is None or not text.strip():
         raise InvalidField("text", "must not be empty or only whitespace")
-    if len(text) > MAX_TEXT_LENGTH:
+    _check_storable("text", text)
+    length = text_length(text)
+    if length > MAX_TEXT_LENGTH:
         raise InvalidField(
             "text",
-            f"is {len(text)} characters, the limit is {MAX_TEXT_LENGTH}",
+            f"is {length} characters (UTF-16 code units, as Meta counts), "
+            f"the limit is {MAX_TEXT_LENGTH}",
             limit=MAX_TEXT_LENGTH,
         )
     _check_placeholders(text)
@@ -117,7 +145,7 @@ def validate_rate(rate_per_second: float, *, allow_high_volume: bool = False) ->
     """Messages per second for the page: above 40/s Meta may cut the page off, so that needs
     ``allow_high_volume``; 300/s is the Send API's hard limit."""
     limit = MAX_RATE_PER_SECOND if allow_high_volume else SAFE_RATE_PER_SECOND
-    if not 0 < rate_per_second <= limit:
+    if not 0 < rate_per_second <= limit:  # false for NaN too
         hint = "" if allow_high_volume else " (pass --allow-high-volume to go up to 300)"
         raise InvalidField(
             "rate",
@@ -134,10 +162,33 @@ def validate_idempotency_key(key: str | None) -> str | None:
     if not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
         raise InvalidField(
             "idempotency_key",
-            f"must be 1–{MAX_IDEMPOTENCY_KEY_LENGTH} characters, not blank",
+            f"must be 1–{MAX_IDEMPOTENCY_KEY_LENGTH} characters, not blank; got {len(key)}",
             limit=MAX_IDEMPOTENCY_KEY_LENGTH,
         )
+    _check_storable("idempotency_key", key)
     return key
+
+
+def validate_scheduled_at(value: str | None, *, now: datetime) -> datetime | None:
+    """An optional ISO 8601 start time (``2026-12-01T09:00``, ``…Z``, ``…+02:00``; without an
+    offset it is local time) that is not in the past."""
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidField(
+            "scheduled_at", f"{value[:40]!r} is not an ISO 8601 time such as 2026-12-01T09:00+00:00"
+        ) from None
+    when = when if when.tzinfo else when.astimezone()
+    if when < now:
+        raise InvalidField(
+            "scheduled_at",
+            f"{when.isoformat()} is in the past (now is {now.isoformat(timespec='seconds')}); "
+            "leave it out to start now",
+            limit=now,
+        )
+    return when
 
 
 def render_text(template: str, *, first_name: str | None, last_name: str | None) -> str:

@@ -66,6 +66,7 @@ def send_chunk(
             client_factory=client_factory(settings, lambda _page_id: token),
             chunks_in_flight=chunks_in_flight,
             give_up_after=settings.db_retry_seconds,
+            outage_pause_after=settings.outage_pause_seconds,
         )
     )
     return result.as_dict()

@@ -1,6 +1,7 @@
 """Test fixtures: one real PostgreSQL per session (embedded unless ``PAGECAST_TEST_DATABASE_URL``
 names a server), one migrated template database, and a fresh clone of it for every test."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from pagecast import db
+from pagecast.sandbox import Sandbox, SandboxConfig, running_sandbox
 from pagecast.settings import normalize_database_url
 
 
@@ -96,3 +98,16 @@ def pagecast_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Point the CLI (and anything reading ``Settings``) at the test database."""
     monkeypatch.setenv("PAGECAST_DATABASE_URL", database_url)
     return database_url
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[tuple[str, Sandbox, Callable[[], list[dict]]]]:
+    """A Send API sandbox with a ledger: its URL, its state, and a function reading the ledger."""
+    path = tmp_path / "ledger.jsonl"
+    with running_sandbox(SandboxConfig(ledger_path=path, seed=3)) as (url, state):
+
+        def ledger() -> list[dict]:
+            state.stats()  # flushes the ledger file
+            return [json.loads(line) for line in path.read_text().splitlines()]
+
+        yield url, state, ledger

@@ -18,23 +18,21 @@ def _write(tmp_path, name, content, mode="w"):
 def test_plain_file_one_psid_a_line(tmp_path):
     path = _write(tmp_path, "r.txt", "# audience\n1001\n\n  1002  \n1003\n")
     parsed = read_recipients(path)
-    assert [r.psid for r in parsed.recipients] == ["1001", "1002", "1003"]
-    assert parsed.duplicates == []
+    assert [r.psid for r in parsed] == ["1001", "1002", "1003"]
 
 
 def test_csv_with_psid_and_names(tmp_path):
     path = _write(tmp_path, "r.csv", "PSID,First_Name,last_name,extra\n1001,Ana,Lee,x\n1002,,,y\n")
     parsed = read_recipients(path)
-    first, second = parsed.recipients
+    first, second = parsed
     assert (first.psid, first.first_name, first.last_name) == ("1001", "Ana", "Lee")
     assert (second.first_name, second.last_name) == (None, None)
 
 
-def test_duplicates_are_removed_and_reported(tmp_path):
-    path = _write(tmp_path, "r.txt", "1001\n1002\n1001\n1001\n")
+def test_a_recipients_file_is_read_again_on_each_pass(tmp_path):
+    path = _write(tmp_path, "r.txt", "1001\n1002\n1001\n")
     parsed = read_recipients(path)
-    assert [r.psid for r in parsed.recipients] == ["1001", "1002"]
-    assert parsed.duplicates == ["1001", "1001"]
+    assert [r.psid for r in parsed] == [r.psid for r in parsed] == ["1001", "1002", "1001"]
 
 
 def test_bad_psids_are_reported_with_line_numbers(tmp_path):
@@ -42,7 +40,7 @@ def test_bad_psids_are_reported_with_line_numbers(tmp_path):
     with pytest.raises(InvalidAudience) as caught:
         read_recipients(path)
     assert [(p.line, p.reason) for p in caught.value.problems] == [
-        (2, "PSID 'abc' is not numeric"),
+        (2, "PSID 'abc' is not numeric (digits 0-9 only)"),
         (4, "PSID is 21 digits, the limit is 20"),
     ]
     assert "line 2" in str(caught.value) and "line 4" in str(caught.value)
@@ -60,16 +58,19 @@ def test_missing_file(tmp_path):
         read_recipients(tmp_path / "nope.txt")
 
 
-def test_binary_file_is_unreadable(tmp_path):
-    path = _write(tmp_path, "r.csv", b"\xff\xfe\x00psid\x80\x81")
-    with pytest.raises(InvalidAudience, match="not readable UTF-8"):
+def test_only_the_first_bad_lines_are_kept_but_all_are_counted(tmp_path):
+    path = _write(tmp_path, "r.txt", "x\n" * 500)
+    with pytest.raises(InvalidAudience) as caught:
         read_recipients(path)
+    assert len(caught.value.problems) == 100 and caught.value.problem_count == 500
+    assert "has 500 invalid PSID(s)" in str(caught.value) and "… and 480 more" in str(caught.value)
 
 
-def test_csv_without_psid_column(tmp_path):
-    path = _write(tmp_path, "r.csv", "id,name\n1001,A\n")
-    with pytest.raises(InvalidAudience, match="without a 'psid' column"):
+def test_a_csv_header_after_comment_lines_keeps_file_line_numbers(tmp_path):
+    path = _write(tmp_path, "r.csv", "# export\n\npsid;first_name\n1001;A\nx;B\n")
+    with pytest.raises(InvalidAudience) as caught:
         read_recipients(path)
+    assert [p.line for p in caught.value.problems] == [5]
 
 
 def test_csv_with_extra_fields_is_unreadable(tmp_path):
@@ -78,7 +79,7 @@ def test_csv_with_extra_fields_is_unreadable(tmp_path):
         read_recipients(path)
 
 
-@pytest.mark.parametrize("content", ["", "\n\n# nobody\n", "psid\n"])
+@pytest.mark.parametrize("content", ["\n\n# nobody\n", "psid\n"])
 def test_empty_audience(tmp_path, content):
     path = _write(tmp_path, "r.txt", content)
     with pytest.raises(InvalidAudience, match="no recipients"):
@@ -87,8 +88,7 @@ def test_empty_audience(tmp_path, content):
 
 def test_inline_psids():
     parsed = recipients_from_psids(["1001", " 1002 ", "", "1001"])
-    assert [r.psid for r in parsed.recipients] == ["1001", "1002"]
-    assert parsed.duplicates == ["1001"]
+    assert [r.psid for r in parsed] == ["1001", "1002", "1001"]
     with pytest.raises(InvalidAudience) as caught:
         recipients_from_psids(["1001", "x"])
     assert caught.value.problems[0].line == 2

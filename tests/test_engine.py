@@ -1,9 +1,7 @@
-import json
 
 import pytest
 
 from pagecast import commands
-from pagecast.sandbox import SandboxConfig, running_sandbox
 from tests.engine import (
     assert_counters_match_rows,
     create_job,
@@ -13,18 +11,6 @@ from tests.engine import (
     recipient_counts,
     run_job,
 )
-
-
-@pytest.fixture
-def sandbox(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    with running_sandbox(SandboxConfig(ledger_path=path, seed=3)) as (url, state):
-
-        def ledger():
-            state.stats()  # flushes the ledger file
-            return [json.loads(line) for line in path.read_text().splitlines()]
-
-        yield url, state, ledger
 
 
 async def test_sends_every_recipient_exactly_once(engine, database_url, sandbox):

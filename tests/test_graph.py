@@ -1,6 +1,8 @@
 import hashlib
 import hmac
 import json
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import httpx
 import pytest
@@ -12,7 +14,7 @@ from pagecast.errors import (
     ThrottledError,
     TransientGraphError,
 )
-from pagecast.graph import OUTSIDE_WINDOW, GraphClient, classify
+from pagecast.graph import MAX_RETRY_AFTER_SECONDS, OUTSIDE_WINDOW, GraphClient, classify
 from pagecast.sandbox import SandboxConfig, running_sandbox
 
 
@@ -65,12 +67,26 @@ def test_outside_window_is_a_skip():
     assert error.code_key == "10/2018278"
 
 
-def test_is_transient_flag_and_bodyless_responses():
+def test_is_transient_flag():
     assert type(classify(400, _error(9999, transient=True))) is TransientGraphError
-    assert type(classify(502, None)) is TransientGraphError
-    assert type(classify(429, "busy")) is ThrottledError
-    assert type(classify(404, None)) is RecipientGraphError
-    assert classify(502, None).code_key == "http_502"
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (429, ThrottledError),  # refused: retried after Retry-After
+        (503, TransientGraphError),  # refused: retried
+        (500, AmbiguousDelivery),  # may have reached Meta: unknown, never resent
+        (502, AmbiguousDelivery),
+        (504, AmbiguousDelivery),
+        (404, RecipientGraphError),
+    ],
+)
+def test_answers_without_a_graph_error_body(status, kind):
+    for body in (None, "<html><body>Bad Gateway</body></html>"):
+        error = classify(status, body)
+        assert type(error) is kind
+        assert error.code_key == f"http_{status}"
 
 
 async def test_token_goes_in_the_header_with_appsecret_proof():
@@ -155,3 +171,55 @@ async def test_errors_from_the_sandbox_are_typed():
             assert caught.value.code_key == "551/1545041"
             with pytest.raises(ThrottledError):
                 await client.send_text(page_id="1", psid="8", text="x", messaging_type="UPDATE")
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("7", 7.0), ("0.5", 0.5), ("99999", MAX_RETRY_AFTER_SECONDS), ("soon", None), (None, None)],
+)
+async def test_retry_after_of_a_throttled_answer(header, expected):
+    headers = {"Retry-After": header} if header else {}
+    client = GraphClient(
+        base_url="http://graph.test",
+        version="v25.0",
+        token_for=lambda p: "t",
+        concurrency=1,
+        transport=httpx.MockTransport(lambda request: httpx.Response(429, headers=headers)),
+    )
+    async with client:
+        with pytest.raises(ThrottledError) as caught:
+            await client.send_text(page_id="1", psid="1", text="x", messaging_type="UPDATE")
+    assert caught.value.retry_after == expected
+
+
+async def test_retry_after_as_an_http_date():
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    client = GraphClient(
+        base_url="http://graph.test",
+        version="v25.0",
+        token_for=lambda p: "t",
+        concurrency=1,
+        transport=httpx.MockTransport(
+            lambda request: httpx.Response(429, headers={"Retry-After": when})
+        ),
+    )
+    async with client:
+        with pytest.raises(ThrottledError) as caught:
+            await client.send_text(page_id="1", psid="1", text="x", messaging_type="UPDATE")
+    assert 28 <= caught.value.retry_after <= 30
+
+
+@pytest.mark.parametrize("token", ["tok\u00e9n", "token\n"])
+async def test_a_token_no_header_can_carry_is_job_fatal_before_any_call(token):
+    calls = []
+    client = GraphClient(
+        base_url="http://graph.test",
+        version="v25.0",
+        token_for=lambda p: token,
+        concurrency=1,
+        transport=httpx.MockTransport(lambda request: calls.append(request) or httpx.Response(200)),
+    )
+    async with client:
+        with pytest.raises(JobFatalGraphError, match="not printable ASCII"):
+            await client.send_text(page_id="1", psid="1", text="x", messaging_type="UPDATE")
+    assert calls == []

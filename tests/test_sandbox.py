@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from pagecast.sandbox import SandboxConfig, running_sandbox
+from pagecast.sandbox import FAULTS, SandboxConfig, running_sandbox
 
 PAGE = "100200300"
 
@@ -172,6 +172,47 @@ def test_ambiguous_fault_delivers_then_drops_the_connection(sandbox, tmp_path):
     assert "1001" in (tmp_path / "ledger.jsonl").read_text()
 
 
+@pytest.mark.parametrize(
+    ("fault", "status", "body"),
+    [
+        ("transient", 500, '"code": 2'),
+        ("throttle_429", 429, "Too Many Requests"),
+        ("html_503", 503, "<html>"),
+        ("html_502", 502, "<html>"),
+        ("malformed", 200, '{"recipient_id": "1", "message_id'),
+        ("empty", 200, ""),
+        ("hang", 200, '"message_id"'),
+        ("reset", None, None),
+    ],
+)
+def test_named_faults(sandbox, fault, status, body):
+    client, state = sandbox
+    state.config.update({"fail_psids": {"5": fault}, "hang_seconds": 0.3})
+    try:
+        response = _send(client, "5")
+    except httpx.RemoteProtocolError:  # the connection was reset
+        assert status is None
+    else:
+        assert response.status_code == status
+        assert body in response.text if body else response.text == ""
+    if fault == "throttle_429":
+        assert response.headers["Retry-After"] == "2"
+    stats = client.get("/__stats").json()
+    assert stats["faults"] == {fault: 1}
+    assert stats["delivered"] == FAULTS[fault][0]
+
+
+def test_outages_by_calls_and_by_time(sandbox):
+    client, state = sandbox
+    state.config.update({"outage_fault": "html_503", "outage_calls": 2})
+    assert [_send(client, str(i)).status_code for i in range(3)] == [503, 503, 200]
+    state.config.update({"outage_until": time.time() + 0.3})
+    assert _send(client, "7").status_code == 503
+    time.sleep(0.3)
+    assert _send(client, "8").status_code == 200
+    assert client.post("/__config", json={"outage_fault": "nope"}).status_code == 400
+
+
 def test_latency(sandbox):
     client, state = sandbox
     state.config.latency_ms = 120
@@ -193,6 +234,8 @@ def test_config_and_reset_endpoints(sandbox):
         "duplicates": 0,
         "max_in_flight": 0,
         "errors": {},
+        "faults": {},
+        "first_fault_at": {},
         "token_via": {},
         "urls": {},
         "pages": {},

@@ -2,7 +2,7 @@
 
 import sys
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,18 +24,20 @@ from pagecast.models import JobStatus, MessagingType, SendJob
 from pagecast.reports import waiting_for
 from pagecast.settings import Settings
 from pagecast.validation import (
+    text_length,
     validate_concurrency,
     validate_idempotency_key,
     validate_message,
     validate_page_id,
     validate_rate,
+    validate_scheduled_at,
 )
 
 job_app = typer.Typer(help="Send jobs.", no_args_is_help=True)
 
 
 def _job_dict(job: SendJob) -> dict[str, Any]:
-    return job.model_dump(mode="json", exclude={"text"}) | {"text_length": len(job.text)}
+    return job.model_dump(mode="json", exclude={"text"}) | {"text_length": text_length(job.text)}
 
 
 @job_app.command("create")
@@ -76,7 +78,11 @@ def job_create(
         bool, typer.Option(help="Resend messages whose delivery is unknown after a crash.")
     ] = False,
     scheduled_at: Annotated[
-        datetime | None, typer.Option(help="Do not start before this time.")
+        str | None,
+        typer.Option(
+            help="Do not start before this ISO 8601 time (2026-12-01T09:00+01:00; local time "
+            "without an offset)."
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -84,6 +90,15 @@ def job_create(
     settings = load_settings()
     page_id = validate_page_id(page_id)
     message = validate_message(text, messaging_type, tag)
+    concurrency = validate_concurrency(
+        settings.default_concurrency if concurrency is None else concurrency
+    )
+    rate = validate_rate(
+        settings.default_rate_per_second if rate is None else rate,
+        allow_high_volume=allow_high_volume,
+    )
+    idempotency_key = validate_idempotency_key(idempotency_key)
+    start_at = validate_scheduled_at(scheduled_at, now=datetime.now(UTC))
     if (recipients is None) == (not tag_filter):
         raise InvalidInput("audience: give exactly one of --recipients FILE or --tag-filter TAG")
     audience: ParsedRecipients | repo.TagFilter
@@ -95,16 +110,11 @@ def job_create(
         page_id=page_id,
         message=message,
         audience=audience,
-        concurrency=validate_concurrency(
-            settings.default_concurrency if concurrency is None else concurrency
-        ),
-        rate_per_second=validate_rate(
-            settings.default_rate_per_second if rate is None else rate,
-            allow_high_volume=allow_high_volume,
-        ),
-        idempotency_key=validate_idempotency_key(idempotency_key),
+        concurrency=concurrency,
+        rate_per_second=rate,
+        idempotency_key=idempotency_key,
         resend_unknown=resend_unknown,
-        scheduled_at=scheduled_at,
+        scheduled_at=start_at,
     )
     with db.session_scope(db.ready_engine(settings)) as session:
         created = repo.create_job(session, request=request)
@@ -210,7 +220,8 @@ def job_list(
 
 def run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
     """Run the job's flow with a progress bar and print the summary; exit 1 unless it completed.
-    A job that no run could claim now (unknown, ended, paused, being sent) starts nothing."""
+    A job that no run could claim now (unknown, ended, paused, being sent) starts nothing, and a
+    run that another runner beat to the claim says which runner sends the job."""
     engine = db.ready_engine(settings)
     with db.session_scope(engine) as session:
         commands.ensure_startable(
@@ -223,6 +234,8 @@ def run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
     except KeyboardInterrupt:
         process.terminate()
         raise
+    if process.returncode == 0 and job.status == JobStatus.RUNNING:
+        raise commands.sent_elsewhere(job)  # the flow exited without the job: another run has it
     stdout.print(launch.summary_table(engine, job))
     if process.returncode != 0:
         stderr.print(f"[red]the flow run failed[/]; its log: {log_path}")
