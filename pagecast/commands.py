@@ -44,16 +44,19 @@ def ensure_startable(session: Session, *, job_id: uuid.UUID, recovery: Recovery)
     if job.cancel_requested:
         raise JobStateConflict(job_id, job.status, "a cancel was requested")
     if job.status == JobStatus.RUNNING and alive:
-        raise JobStateConflict(
-            job_id,
-            job.status,
-            f"runner {job.lease_owner} is sending it; watch `pagecast job status`",
-        )
+        raise sent_elsewhere(job)
     if early:
         raise JobStateConflict(
             job_id, job.status, f"it is scheduled for {job.scheduled_at}; the sweep starts it then"
         )
     return job
+
+
+def sent_elsewhere(job: SendJob) -> JobStateConflict:
+    """The refusal to start a job that runner ``job.lease_owner`` is sending."""
+    return JobStateConflict(
+        job.id, job.status, f"runner {job.lease_owner} is sending it; watch `pagecast job status`"
+    )
 
 
 def cancel_job(session: Session, *, job_id: uuid.UUID, recovery: Recovery = Recovery()) -> SendJob:

@@ -283,9 +283,11 @@ async def run_in_process(
             done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             errors = [error for task in done if (error := task.exception()) is not None]
             if errors:
-                await asyncio.to_thread(run.fail, errors[0])
-                if in_flight:
-                    await asyncio.wait(in_flight)
+                try:
+                    await asyncio.to_thread(run.fail, errors[0])
+                finally:  # the other chunks record what they sent, or stop
+                    if in_flight:
+                        await asyncio.gather(*in_flight, return_exceptions=True)
                 raise errors[0]
             await asyncio.to_thread(run.absorb, [task.result() for task in done])
             more = await asyncio.to_thread(run.next_chunks, parallel - len(in_flight))

@@ -28,7 +28,13 @@ from pagecast import db
 from pagecast.faults import CRASH_AT_ENV
 from pagecast.sandbox import Sandbox, SandboxConfig, running_sandbox
 from tests.conftest import _admin_execute
-from tests.engine import PAGE, create_job, job_row, recipient_counts
+from tests.engine import (
+    PAGE,
+    assert_counters_match_rows,
+    create_job,
+    job_row,
+    recipient_counts,
+)
 
 TOKEN = "ops-test-token"
 LEASE_SECONDS = 6
@@ -426,21 +432,58 @@ def test_broadcast_over_rest_with_an_idempotency_key(ops):
 
 
 def test_bad_broadcast_values_are_rejected_before_anything_is_written(ops):
-    with pytest.raises(httpx.HTTPStatusError) as rejected:
-        ops.start("broadcast/broadcast", {"page_id": PAGE, "text": "x" * 2001, "psids": "1"})
-    assert rejected.value.response.status_code == 409
-    run = ops.start("broadcast/broadcast", {"page_id": PAGE, "text": "Hi {nick}", "psids": "1"})
-    ops.wait_for(
-        lambda: ops.api("GET", f"/flow_runs/{run['id']}").json()["state"]["type"] == "FAILED",
-        "the invalid broadcast to fail",
-    )
-    with ops.engine.connect() as connection:
-        assert (
-            connection.execute(
-                sa.text("SELECT count(*) FROM send_jobs WHERE text = 'Hi {nick}'")
-            ).scalar()
-            == 0
-        )
+    """Each bad value is refused by the REST API (the deployment's parameter schema: HTTP 409) or
+    fails its run (pagecast's validation in the flow); no row is written either way."""
+    cases = [  # parameters over {page_id, psids: "1"}, and how they may be rejected
+        ({"text": "x" * 2001}, {"refused"}),
+        # 1,001 emoji fit the schema (code points), not pagecast's rule (2,002 UTF-16 units)
+        ({"text": "😀" * 1001}, {"failed"}),
+        ({"text": "Hi {nick}"}, {"failed"}),
+        ({"text": "hi", "rate_per_second": 0}, {"refused"}),
+        ({"text": "hi", "rate_per_second": float("inf")}, {"refused"}),
+        # NaN passes a JSON schema's bounds (every comparison is false): the run then fails
+        ({"text": "hi", "rate_per_second": float("nan")}, {"refused", "failed"}),
+        ({"text": "hi", "concurrency": 0}, {"refused"}),
+        ({"text": "hi", "concurrency": 100_000}, {"refused"}),
+        ({"text": "hi", "idempotency_key": "k" * 10_240}, {"refused"}),
+        ({"text": "hi", "tag": "HUMAN_AGENT"}, {"failed"}),
+        ({"text": "hi", "psids": "1\n0002"}, {"failed"}),
+    ]
+
+    def rows() -> list[int]:
+        with ops.engine.connect() as connection:
+            return [
+                connection.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar()
+                for table in ("send_jobs", "send_job_recipients", "contacts")
+            ]
+
+    def submit(parameters: dict) -> str | dict:
+        """'refused', or the flow run; raw JSON carries NaN and Infinity, which httpx refuses."""
+        body = json.dumps({"parameters": {"page_id": PAGE, "psids": "1"} | parameters})
+        try:
+            return ops.api(
+                "POST",
+                f"/deployments/{ops.deployment_id('broadcast/broadcast')}/create_flow_run",
+                content=body,
+                headers={"content-type": "application/json"},
+            ).json()
+        except httpx.HTTPStatusError as refused:
+            assert refused.response.status_code == 409, refused.response.text
+            return "refused"
+
+    def final_state(run: dict) -> str:
+        def ended() -> str | None:
+            state = ops.api("GET", f"/flow_runs/{run['id']}").json()["state"]["type"]
+            return state.lower() if state in ("FAILED", "CRASHED", "COMPLETED") else None
+
+        return ops.wait_for(ended, "the invalid broadcast to end")
+
+    before = rows()
+    outcomes = [submit(parameters) for parameters, _ in cases]  # runs end side by side
+    for (parameters, allowed), outcome in zip(cases, outcomes, strict=True):
+        how = outcome if outcome == "refused" else final_state(outcome)
+        assert how in allowed, (parameters, how)
+    assert rows() == before
 
 
 def test_finished_jobs_notify_the_webhook(ops):
@@ -513,6 +556,98 @@ def test_broadcast_form_in_the_prefect_ui(ops, tmp_path):
         ).one()
     assert tuple(job) == (4, 4, "completed")
     assert (tmp_path / "broadcast-form.png").stat().st_size > 10_000
+
+
+def _spawn_pagecast(ops: Ops, *args: str, **env: str) -> subprocess.Popen[str]:
+    """``pagecast ARGS`` against the stack, started and not waited for."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pagecast", *args],
+        cwd=PROJECT_DIR,
+        env=ops.env | env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    stdout, stderr = process.communicate(timeout=WAIT_SECONDS)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _runs_ended(ops: Ops, job_ids: list[uuid.UUID]) -> list[dict]:
+    """Every send-job deployment run of the jobs, once all of them have ended."""
+    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    return ops.wait_for(
+        lambda: (
+            (runs := [r for job_id in job_ids for r in ops.send_job_runs(job_id)])
+            and all(r["state"]["type"] in final for r in runs)
+            and runs
+        ),
+        "the send-job runs to end",
+    )
+
+
+def _sent_once(ops: Ops, job_id: uuid.UUID, text: str, total: int) -> None:
+    """The job completed after one claim, every recipient delivered once, counters = rows."""
+    job = job_row(ops.engine, job_id)
+    assert (job.status, job.sent, job.attempt) == ("completed", total, 1)
+    assert_counters_match_rows(ops.engine, job_id)
+    delivered = ops.delivered_psids(text)
+    assert len(delivered) == len(set(delivered)) == total
+
+
+RACE_ROUNDS = 5
+
+
+def test_job_runs_and_sweeps_started_at_once_send_a_job_once(ops):
+    """4 ``pagecast job run``s and 2 ``pagecast sweep --once`` of one job at once, 5 times: one
+    run claims it and sends every recipient once; every other process says why it sent nothing."""
+    rounds = []
+    for round_ in range(RACE_ROUNDS):
+        text = f"race {round_}"
+        job = create_job(ops.engine, 200, rate=100.0, text=text)
+        runs = [_spawn_pagecast(ops, "job", "run", str(job.id)) for _ in range(4)]
+        sweeps = [_spawn_pagecast(ops, "sweep", "--once") for _ in range(2)]
+        rounds.append((job.id, text, [_finish(p) for p in runs], [_finish(p) for p in sweeps]))
+    for run in _runs_ended(ops, [job_id for job_id, *_ in rounds]):
+        assert run["state"]["type"] == "COMPLETED"  # a sweep's run, whether it claimed or not
+    for job_id, text, runs, sweeps in rounds:
+        _sent_once(ops, job_id, text, 200)
+        not_sent_here = re.compile(
+            rf"job {job_id} is (running: runner \S+ is sending it|completed: it has ended)"
+        )
+        for run in runs:
+            if run.returncode == 0:
+                assert "completed" in run.stdout, run.stdout
+            else:
+                assert run.returncode == 1 and not_sent_here.search(run.stderr), run.stderr
+        for sweep in sweeps:
+            assert sweep.returncode == 0, sweep.stderr
+            lines = [line for line in sweep.stdout.splitlines() if str(job_id) in line]
+            assert all(line.startswith(f"job {job_id} (due): send-job run ") for line in lines)
+
+
+SHARED_PAGE = "100200301"
+
+
+def test_two_jobs_on_one_page_sent_at_once_share_its_rate(ops):
+    """Two jobs of one page, each run by its own ``pagecast job run`` at the same time: the page's
+    busiest second stays within 5 % of its rate, and both jobs send every recipient once."""
+    rate = 100.0
+    texts = ("shared page, first", "shared page, second")
+    jobs = [create_job(ops.engine, 400, page_id=SHARED_PAGE, rate=rate, text=t) for t in texts]
+    token = {f"PAGECAST_PAGE_ACCESS_TOKEN__{SHARED_PAGE}": TOKEN}
+    runs = [_spawn_pagecast(ops, "job", "run", str(job.id), **token) for job in jobs]
+    for run in map(_finish, runs):
+        assert run.returncode == 0, run.stderr
+    for job, text in zip(jobs, texts, strict=True):
+        _sent_once(ops, job.id, text, 400)
+    page = ops.sandbox.stats()["pages"][SHARED_PAGE]
+    assert page["delivered"] == 800 and page["max_per_second"] <= 1.05 * rate
+    records = [json.loads(line) for line in ops.ledger.read_text().splitlines()]
+    first, second = ([r["t"] for r in records if r["text"] == text] for text in texts)
+    assert min(first) < max(second) and min(second) < max(first)  # the jobs sent at once
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,124 @@
+"""Infrastructure faults while a job sends: its PostgreSQL stopped and started again, its
+connections killed. Each ends with every recipient terminal, counters equal to rows, and no
+message delivered twice (the Prefect server's death is in tests/test_operations.py)."""
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from pagecast import db
+from pagecast.chunks import BOUND_SECONDS
+from tests.engine import (
+    PAGE,
+    assert_counters_match_rows,
+    create_job,
+    job_row,
+    make_settings,
+    run_job,
+)
+
+RATE, CONCURRENCY = 300.0, 50
+UNKNOWN_BOUND = CONCURRENCY + BOUND_SECONDS * RATE
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[Path]:
+    """An embedded PostgreSQL of this test's own (stopping it touches no other test), migrated;
+    yields its home."""
+    home = Path(tempfile.mkdtemp(prefix="pagecast-test-own-db-"))
+    engine = sa.create_engine(db.embedded_database_url(home), poolclass=sa.NullPool)
+    db.upgrade(engine)
+    engine.dispose()
+    yield home
+    db.stop_embedded_database(home)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _statuses(engine: sa.Engine, job_id) -> dict[str, set[str]]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text("SELECT status, psid FROM send_job_recipients WHERE job_id = :job_id"),
+            {"job_id": job_id},
+        ).all()
+    statuses: dict[str, set[str]] = {}
+    for status, psid in rows:
+        statuses.setdefault(status, set()).add(psid)
+    return statuses
+
+
+async def test_postgres_stopped_and_started_again_mid_job(own_postgres, sandbox):
+    url, state, ledger = sandbox
+    database_url = db.embedded_database_url(own_postgres)
+    engine = db.engine_for(database_url)
+    job = create_job(engine, 1500, rate=RATE, concurrency=CONCURRENCY)
+    running = asyncio.create_task(run_job(engine, make_settings(database_url, url), job.id))
+    while state.stats()["delivered"] < 300:
+        await asyncio.sleep(0.02)
+    await asyncio.to_thread(db.stop_embedded_database, own_postgres)
+    delivered_when_stopped = state.stats()["delivered"]
+    await asyncio.sleep(3)
+    # A row is called only once it is durably marked: the marked ones at most go out.
+    assert state.stats()["delivered"] - delivered_when_stopped <= UNKNOWN_BOUND
+    await asyncio.to_thread(db.embedded_database_url, own_postgres)
+    finished = await running
+    assert (finished.status, finished.sent) == ("completed", 1500)
+    delivered = [r["psid"] for r in ledger()]
+    assert len(delivered) == len(set(delivered)) == 1500
+    assert state.stats()["duplicates"] == 0
+    assert _statuses(engine, job.id) == {"sent": set(delivered)}
+    assert_counters_match_rows(engine, job.id)
+
+
+async def test_a_run_that_outlives_its_database_retries_stops_and_the_sweep_finishes_the_job(
+    own_postgres, sandbox, tmp_path
+):
+    url, state, ledger = sandbox
+    database_url = db.embedded_database_url(own_postgres)
+    engine = db.engine_for(database_url)
+    job = create_job(engine, 1500, rate=RATE, concurrency=CONCURRENCY)
+    settings = make_settings(database_url, url, db_retry_seconds=2.0, lease_seconds=5)
+    running = asyncio.create_task(run_job(engine, settings, job.id))
+    while state.stats()["delivered"] < 300:
+        await asyncio.sleep(0.02)
+    await asyncio.to_thread(db.stop_embedded_database, own_postgres)
+    with pytest.raises(sa.exc.OperationalError):  # gave up after retrying for 2 s
+        await running
+    stopped_at = state.stats()["delivered"]
+    await asyncio.to_thread(db.embedded_database_url, own_postgres)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAGECAST_", "PREFECT_"))}
+    env |= {
+        "PAGECAST_HOME": str(tmp_path / "home"),
+        "PAGECAST_DATABASE_URL": database_url,
+        "PAGECAST_GRAPH_API_URL": url,
+        "PAGECAST_LEASE_SECONDS": "5",
+        f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}": "tok",
+    }
+    await asyncio.sleep(5)  # the dead run's lease runs out
+    swept = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "pagecast", "sweep"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert swept.returncode == 0, swept.stderr
+    assert f"job {job.id} (runner stopped heartbeating, " in swept.stdout
+    finished = job_row(engine, job.id)
+    assert finished.status in ("completed", "completed_with_errors")
+    assert state.stats()["duplicates"] == 0
+    statuses = _statuses(engine, job.id)
+    assert set(statuses) <= {"sent", "unknown"}
+    delivered = {r["psid"] for r in ledger()}
+    assert statuses["sent"] <= delivered <= statuses["sent"] | statuses.get("unknown", set())
+    assert len(statuses.get("unknown", ())) <= UNKNOWN_BOUND
+    assert stopped_at < 1500
+    assert_counters_match_rows(engine, job.id)
