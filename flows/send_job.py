@@ -3,6 +3,7 @@
 import sys
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -36,6 +37,9 @@ from tasks.tokens import page_token
 SEND_JOB_DEPLOYMENT = "send-job/send-job"
 SUPERVISE_SECONDS = 2.0
 PROGRESS_SECONDS = 2.0
+CHUNK_RESUBMITS = 6
+RESUBMIT_MAX_SECONDS = 20.0
+_ORCHESTRATION_MODULES = ("prefect", "httpx", "httpcore", "anyio", "websockets")
 
 
 def request_cancel(flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -95,14 +99,34 @@ def _why_no_child_runs() -> str | None:
     return None
 
 
+def _failed_in_prefect(error: BaseException) -> bool:
+    """Whether a chunk task failed in Prefect's hands (its API unreachable or overloaded, a
+    concurrency slot not granted) rather than in pagecast's code."""
+    return type(error).__module__.split(".")[0] in _ORCHESTRATION_MODULES
+
+
+def _show_progress(progress: uuid.UUID | None, job: SendJob) -> None:
+    """Update the progress artifact; the Prefect API being away costs the job nothing."""
+    if progress is None:
+        return
+    try:
+        update_progress_artifact(progress, _percent(job))
+    except Exception as error:
+        get_run_logger().warning("job %s: progress not shown: %s", job.id, error)
+
+
 def _send_chunks(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID | None) -> None:
     """Keep ``parallel_chunks`` chunk tasks in flight; each gets two keyset bounds, never a list.
-    When a chunk task fails for good, the job is stopped ``failed`` and the other chunks are
-    waited for (they record what they sent) before the error propagates."""
+    A chunk task that failed in Prefect's hands is submitted again after a backoff (a chunk
+    resumes the rows it owns, so this never sends a row twice). When a chunk task fails for
+    good, the job is stopped ``failed`` and the other chunks are waited for (they record what
+    they sent) before the error propagates."""
     parallel = run.settings.parallel_chunks
+    bounds_of: dict[PrefectFuture[dict[str, Any]], ChunkBounds] = {}
+    resubmits: Counter[ChunkBounds] = Counter()
 
     def submit(bounds: ChunkBounds) -> PrefectFuture[dict[str, Any]]:
-        return send_chunk.submit(
+        future = send_chunk.submit(
             job_id=job.id,
             page_id=job.page_id,
             owner=lease.owner,
@@ -112,22 +136,39 @@ def _send_chunks(run: JobRun, job: SendJob, lease: Lease, progress: uuid.UUID | 
             chunks_in_flight=parallel,
             shard=lease.shard,
         )
+        bounds_of[future] = bounds
+        return future
 
     in_flight = [submit(bounds) for bounds in run.next_chunks(parallel)]
     reported_at = time.monotonic()
     while in_flight:
         done = next(as_completed(in_flight))
         in_flight.remove(done)
+        bounds = bounds_of.pop(done)
         try:
             result = ChunkResult(**done.result())
         except Exception as error:
+            if _failed_in_prefect(error) and resubmits[bounds] < CHUNK_RESUBMITS:
+                resubmits[bounds] += 1
+                pause = min(RESUBMIT_MAX_SECONDS, 2.0 ** resubmits[bounds])
+                get_run_logger().warning(
+                    "job %s: chunk after %r failed in Prefect (%s: %s); again in %.0f s",
+                    job.id,
+                    bounds.after,
+                    type(error).__name__,
+                    error,
+                    pause,
+                )
+                time.sleep(pause)
+                in_flight.append(submit(bounds))
+                continue
             run.fail(error)
             wait(in_flight)
             raise
         run.absorb([result])
         in_flight += [submit(bounds) for bounds in run.next_chunks(parallel - len(in_flight))]
-        if progress is not None and time.monotonic() - reported_at >= PROGRESS_SECONDS:
-            update_progress_artifact(progress, _percent(run.job_state()))
+        if time.monotonic() - reported_at >= PROGRESS_SECONDS:
+            _show_progress(progress, run.job_state())
             reported_at = time.monotonic()
 
 
@@ -182,7 +223,7 @@ def _supervise_shards(run: JobRun, progress: uuid.UUID) -> None:
                 ),
                 as_subflow=False,
             )
-        update_progress_artifact(progress, _percent(job))
+        _show_progress(progress, job)
         crash_point("supervisor")
         if state.unfinished == 0 or (not active and state.running == 0):
             with session_scope(run.engine) as session:
@@ -214,7 +255,7 @@ def _send_whole_job(run: JobRun, lease: Lease) -> SendJob:
         if _has_token(run, lease, job):
             _send_or_supervise(run, job, lease, progress)
     job = run.finish()
-    update_progress_artifact(progress, _percent(job))
+    _show_progress(progress, job)
     return job
 
 

@@ -111,3 +111,12 @@ def sandbox(tmp_path: Path) -> Iterator[tuple[str, Sandbox, Callable[[], list[di
             return [json.loads(line) for line in path.read_text().splitlines()]
 
         yield url, state, ledger
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """The session's one Prefect test server (entering it takes ~12 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -5,7 +5,6 @@ import uuid
 
 import pytest
 from prefect.blocks.system import Secret
-from prefect.testing.utilities import prefect_test_harness
 
 from pagecast.errors import JobFatalGraphError, LeaseLost, MissingPageToken
 from pagecast.sandbox import SandboxConfig, running_sandbox
@@ -13,12 +12,6 @@ from pagecast.settings import get_settings
 from tests.engine import PAGE, assert_counters_match_rows, create_job, job_row, recipient_counts
 
 TOKEN = "flow-test-token-3f9a1c"
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture
@@ -147,6 +140,34 @@ def test_chunk_tasks_retry_only_transient_failures(error, retried):
     from tasks.sending import retry_transient_only
 
     assert retry_transient_only(None, None, Failed(data=error)) is retried
+
+
+def test_a_chunk_task_failing_in_prefect_is_submitted_again(engine, sandbox, monkeypatch):
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
+    import tasks.sending
+    from flows import send_job as send_job_flow
+
+    _, ledger = sandbox
+    real_send = tasks.sending.send_chunk_core
+    calls = 0
+
+    async def no_slot_for_the_second_chunk(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ConcurrencySlotAcquisitionError("the server answered 503")
+        return await real_send(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.sending.send_chunk, "retries", 0)
+    monkeypatch.setattr(tasks.sending, "send_chunk_core", no_slot_for_the_second_chunk)
+    monkeypatch.setattr(send_job_flow, "RESUBMIT_MAX_SECONDS", 0.1)
+    job = create_job(engine, 1000)
+    assert send_job_flow.send_job(job.id, return_state=True).result()["status"] == "completed"
+    psids = [r["psid"] for r in ledger()]
+    assert len(psids) == len(set(psids)) == 1000
+    assert calls > 2  # the failed chunk ran again, and the others after it
+    assert_counters_match_rows(engine, job.id)
 
 
 def test_an_unexpected_error_ends_the_job_failed_with_the_rest_pending(

@@ -46,7 +46,6 @@ from pagecast.sandbox import Sandbox
 from pagecast.settings import get_settings
 from tasks.tokens import secret_block_name
 from tests.engine import PAGE, create_job, job_row
-from tests.test_flows import prefect_harness  # noqa: F401  (the suite's Prefect test server)
 
 TOKEN = f"EAAG-SECRET-TOKEN-{uuid.uuid4().hex}"
 APP_SECRET = f"APP-SECRET-{uuid.uuid4().hex}"
@@ -159,7 +158,7 @@ def secret_sandbox(
     database_url: str,
     sandbox: tuple[str, Sandbox, Callable[[], list[dict]]],
     monkeypatch: pytest.MonkeyPatch,
-    prefect_harness: None,  # noqa: F811
+    prefect_harness: None,
 ) -> Iterator[Sandbox]:
     """The sandbox, accepting ``TOKEN`` alone, with the job's database and the secrets in the
     environment as a deployment has them."""
