@@ -3,8 +3,10 @@
     uv run python -m deployments.local_stack up [--port 4200]    (or: make up)
     uv run python -m deployments.local_stack down                (or: make down)
 
-Prefect keeps its own database (SQLite under PREFECT_HOME); pagecast's data stays in its Postgres.
-The state file ``$PAGECAST_HOME/prefect-stack.json`` lets ``pagecast job run`` use this server."""
+Prefect keeps its own database, ``prefect``, on the PostgreSQL server of ``PAGECAST_DATABASE_URL``
+(SQLite locks under concurrent flow runs); with the embedded server, which lacks the ``pg_trgm``
+extension Prefect needs, it keeps SQLite under PREFECT_HOME. The state file
+``$PAGECAST_HOME/prefect-stack.json`` lets ``pagecast job run`` use this server."""
 
 import argparse
 import json
@@ -17,12 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
 
+from pagecast.db import ensure_database
 from pagecast.launch import STACK_FILE, stack_api_url
 from pagecast.settings import get_settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0
+PREFECT_DATABASE = "prefect"
 
 
 @dataclass
@@ -33,6 +38,27 @@ class Stack:
     ui_url: str
     server_pid: int
     worker_pid: int | None = None
+
+
+def prefect_database_url(server_url: str, name: str = PREFECT_DATABASE) -> str | None:
+    """Prefect's database ``name`` on the server of ``server_url`` (created if missing) as an
+    asyncpg URL, or None when that server lacks ``pg_trgm`` (Prefect's migrations need it)."""
+    engine = sa.create_engine(server_url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as connection:
+            trgm = connection.execute(
+                sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'")
+            ).first()
+    finally:
+        engine.dispose()
+    if not trgm:
+        return None
+    url = sa.make_url(ensure_database(server_url, name)).set(drivername="postgresql+asyncpg")
+    if "sslmode" in url.query:  # asyncpg takes libpq's sslmode as ssl
+        url = url.difference_update_query(["sslmode"]).update_query_dict(
+            {"ssl": url.query["sslmode"]}
+        )
+    return url.render_as_string(hide_password=False)
 
 
 def _spawn(args: list[str], *, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -63,9 +89,15 @@ def _wait_healthy(api_url: str, process: subprocess.Popen[bytes], log: Path) -> 
 
 
 def start_stack(
-    home: Path, *, port: int, worker: bool = True, env: dict[str, str] | None = None
+    home: Path,
+    *,
+    port: int,
+    database_url: str | None = None,
+    worker: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Stack:
-    """Start a Prefect server on ``port`` (loopback) and, with ``worker``, a process worker."""
+    """Start a Prefect server on ``port`` (loopback) with its database at ``database_url`` (None:
+    SQLite) and, with ``worker``, a process worker."""
     base = f"http://127.0.0.1:{port}"
     env = (env or dict(os.environ)) | {
         "PREFECT_API_URL": f"{base}/api",
@@ -74,8 +106,11 @@ def start_stack(
         "PAGECAST_PROJECT_DIR": str(PROJECT_DIR),
     }
     server_log = home / "logs" / "prefect-server.log"
+    database = {"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}
     server = _spawn(
-        ["server", "start", "--host", "127.0.0.1", "--port", str(port)], log=server_log, env=env
+        ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        log=server_log,
+        env=env | database,
     )
     _wait_healthy(f"{base}/api", server, server_log)
     stack = Stack(api_url=f"{base}/api", ui_url=base, server_pid=server.pid)
@@ -116,7 +151,8 @@ def main() -> None:
     parser.add_argument("command", choices=("up", "down"))
     parser.add_argument("--port", type=int, default=4200)
     args = parser.parse_args()
-    home = get_settings().home.expanduser().resolve()
+    settings = get_settings()
+    home = settings.home.expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     if args.command == "down":
         stop_stack(home)
@@ -125,7 +161,8 @@ def main() -> None:
     if stack_api_url(home):
         print(f"already running: {stack_api_url(home)}")
         return
-    stack = start_stack(home, port=args.port)
+    database_url = settings.database_url and prefect_database_url(settings.database_url)
+    stack = start_stack(home, port=args.port, database_url=database_url)
     print(f"Prefect UI: {stack.ui_url}")
     print(f"export PREFECT_API_URL={stack.api_url}   # then: make deploy")
 

@@ -55,6 +55,22 @@ def stop_embedded_database(home: Path) -> None:
     _embedded_server(home).cleanup()
 
 
+def ensure_database(server_url: str, name: str) -> str:
+    """Create the database ``name`` on ``server_url``'s server unless it exists; return its URL."""
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    try:
+        with engine.connect() as connection:
+            exists = connection.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            ).first()
+            if not exists:
+                quoted = connection.dialect.identifier_preparer.quote(name)
+                connection.execute(sa.text(f"CREATE DATABASE {quoted}"))
+    finally:
+        engine.dispose()
+    return sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
 def database_url(settings: Settings) -> str:
     """The configured database URL, or the embedded server's (started on demand)."""
     return settings.database_url or embedded_database_url(settings.home)
