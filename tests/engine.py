@@ -1,6 +1,8 @@
 """Helpers to run the send engine in-process, without Prefect, against the sandbox."""
 
+import os
 import uuid
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlmodel import Session, select
@@ -75,3 +77,15 @@ def assert_counters_match_rows(engine: sa.Engine, job_id: uuid.UUID) -> None:
 def errors_by_key(engine: sa.Engine, job_id: uuid.UUID) -> dict[str, int]:
     with Session(engine) as session:
         return {e.key: e.count for e in repo.error_counts(session, job_id=job_id)}
+
+
+def process_env(home: Path, database_url: str, graph_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a ``pagecast`` process under test: this one's, without any
+    ``PAGECAST_``/``PREFECT_`` setting, plus the home, database, Send API and ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAGECAST_", "PREFECT_"))}
+    return env | {
+        "PAGECAST_HOME": str(home),
+        "PAGECAST_DATABASE_URL": database_url,
+        "PAGECAST_GRAPH_API_URL": graph_url,
+        **settings,
+    }

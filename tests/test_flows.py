@@ -142,53 +142,50 @@ def test_chunk_tasks_retry_only_transient_failures(error, retried):
     assert retry_transient_only(None, None, Failed(data=error)) is retried
 
 
-def test_a_chunk_task_failing_in_prefect_is_submitted_again(engine, sandbox, monkeypatch):
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
-
+def _second_chunk_raises(monkeypatch, error: Exception) -> list[int]:
+    """Make the run's second chunk task raise ``error`` (without Prefect retries); the returned
+    list counts the chunk calls."""
     import tasks.sending
-    from flows import send_job as send_job_flow
 
-    _, ledger = sandbox
     real_send = tasks.sending.send_chunk_core
-    calls = 0
+    calls = [0]
 
-    async def no_slot_for_the_second_chunk(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise ConcurrencySlotAcquisitionError("the server answered 503")
+    async def raising_on_the_second(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise error
         return await real_send(*args, **kwargs)
 
     monkeypatch.setattr(tasks.sending.send_chunk, "retries", 0)
-    monkeypatch.setattr(tasks.sending, "send_chunk_core", no_slot_for_the_second_chunk)
+    monkeypatch.setattr(tasks.sending, "send_chunk_core", raising_on_the_second)
+    return calls
+
+
+def test_a_chunk_task_failing_in_prefect_is_submitted_again(engine, sandbox, monkeypatch):
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
+    from flows import send_job as send_job_flow
+
+    _, ledger = sandbox
+    calls = _second_chunk_raises(
+        monkeypatch, ConcurrencySlotAcquisitionError("the server answered 503")
+    )
     monkeypatch.setattr(send_job_flow, "RESUBMIT_MAX_SECONDS", 0.1)
     job = create_job(engine, 1000)
     assert send_job_flow.send_job(job.id, return_state=True).result()["status"] == "completed"
     psids = [r["psid"] for r in ledger()]
     assert len(psids) == len(set(psids)) == 1000
-    assert calls > 2  # the failed chunk ran again, and the others after it
+    assert calls[0] > 2  # the failed chunk ran again, and the others after it
     assert_counters_match_rows(engine, job.id)
 
 
 def test_an_unexpected_error_ends_the_job_failed_with_the_rest_pending(
     engine, sandbox, monkeypatch
 ):
-    import tasks.sending
     from flows.send_job import send_job
 
     state, _ = sandbox
-    real_send = tasks.sending.send_chunk_core
-    calls = 0
-
-    async def breaks_on_the_second_chunk(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise ValueError("disk on fire")
-        return await real_send(*args, **kwargs)
-
-    monkeypatch.setattr(tasks.sending.send_chunk, "retries", 0)
-    monkeypatch.setattr(tasks.sending, "send_chunk_core", breaks_on_the_second_chunk)
+    _second_chunk_raises(monkeypatch, ValueError("disk on fire"))
     job = create_job(engine, 1000)
     assert send_job(job.id, return_state=True).is_failed()
     failed = job_row(engine, job.id)

@@ -3,7 +3,6 @@ connections killed. Each ends with every recipient terminal, counters equal to r
 message delivered twice (the Prefect server's death is in tests/test_operations.py)."""
 
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from tests.engine import (
     create_job,
     job_row,
     make_settings,
+    process_env,
     run_job,
 )
 
@@ -93,14 +93,13 @@ async def test_a_run_that_outlives_its_database_retries_stops_and_the_sweep_fini
         await running
     stopped_at = state.stats()["delivered"]
     await asyncio.to_thread(db.embedded_database_url, own_postgres)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PAGECAST_", "PREFECT_"))}
-    env |= {
-        "PAGECAST_HOME": str(tmp_path / "home"),
-        "PAGECAST_DATABASE_URL": database_url,
-        "PAGECAST_GRAPH_API_URL": url,
-        "PAGECAST_LEASE_SECONDS": "5",
-        f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}": "tok",
-    }
+    env = process_env(
+        tmp_path / "home",
+        database_url,
+        url,
+        PAGECAST_LEASE_SECONDS="5",
+        **{f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}": "tok"},
+    )
     await asyncio.sleep(5)  # the dead run's lease runs out
     swept = await asyncio.to_thread(
         subprocess.run,

@@ -1,7 +1,6 @@
 """``pagecast sweep`` without Prefect: real processes against the sandbox, as cron would run it."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from pagecast.sandbox import SandboxConfig, running_sandbox
-from tests.engine import PAGE, create_job, job_row, recipient_counts
+from tests.engine import PAGE, create_job, job_row, process_env, recipient_counts
 
 TOKEN = "sweep-test-token"
 
@@ -19,15 +18,14 @@ TOKEN = "sweep-test-token"
 def sweep_env(tmp_path, database_url):
     ledger = tmp_path / "ledger.jsonl"
     with running_sandbox(SandboxConfig(ledger_path=ledger)) as (url, sandbox):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PAGECAST_", "PREFECT_"))}
-        env |= {
-            "PAGECAST_HOME": str(tmp_path / "home"),
-            "PAGECAST_DATABASE_URL": database_url,
-            "PAGECAST_GRAPH_API_URL": url,
-            "PAGECAST_CHUNK_SIZE": "50",
-            "PAGECAST_LEASE_SECONDS": "5",
-            f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}": TOKEN,
-        }
+        env = process_env(
+            tmp_path / "home",
+            database_url,
+            url,
+            PAGECAST_CHUNK_SIZE="50",
+            PAGECAST_LEASE_SECONDS="5",
+            **{f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}": TOKEN},
+        )
 
         def delivered() -> list[str]:
             sandbox.stats()  # flushes the ledger
