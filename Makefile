@@ -10,8 +10,9 @@ install:
 		|| python3 -m pip install --quiet --user --break-system-packages uv
 	@$(UV) sync --frozen --quiet
 
+# Two workers, a test module each at a time (a module shares one running stack).
 test: install
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest -n 2 --dist loadfile
 
 lint: install
 	$(UV) run --frozen ruff check .

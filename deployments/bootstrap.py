@@ -3,8 +3,8 @@
     uv run python -m deployments.bootstrap      (or: make deploy)
 
 Creates the ``pagecast`` process work pool, the tag concurrency limit on ``send-chunk`` tasks,
-one Secret block per page token found in the environment, every deployment of ``prefect.yaml``,
-and, when ``PAGECAST_NOTIFY_URL`` is set, a webhook block and an automation that posts each job's
+one Secret block per page token found in the environment, every deployment of ``prefect.yaml``
+(the sweep every ``PAGECAST_SWEEP_INTERVAL_SECONDS``), and, when ``PAGECAST_NOTIFY_URL`` is set, a webhook block and an automation that posts each job's
 summary to it when the job ends."""
 
 import asyncio
@@ -17,6 +17,7 @@ from prefect import get_client
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.blocks.system import Secret
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.schedules import IntervalSchedule
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectAlreadyExists
@@ -31,6 +32,8 @@ WORK_POOL = "pagecast"
 TOKEN_PREFIX = "PAGECAST_PAGE_ACCESS_TOKEN__"
 NOTIFY_BLOCK = "pagecast-job-summary"
 AUTOMATION = "pagecast: job summary to webhook"
+SWEEP_DEPLOYMENT = "sweep/sweep"
+DEFAULT_SWEEP_INTERVAL_SECONDS = 60  # prefect.yaml's cron
 SUMMARY_BODY = (
     "job {{ event.payload.job_id }} on page {{ event.payload.page_id }} ended "
     "{{ event.payload.status }}: {{ event.payload.sent }} sent, {{ event.payload.failed }} failed, "
@@ -85,6 +88,16 @@ def deploy_all() -> None:
     )
 
 
+async def schedule_sweep(seconds: int) -> None:
+    """The sweep every ``seconds`` in place of prefect.yaml's every minute."""
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name(SWEEP_DEPLOYMENT)
+        for schedule in deployment.schedules:
+            await client.update_deployment_schedule(
+                deployment.id, schedule.id, schedule=IntervalSchedule(interval=seconds)
+            )
+
+
 async def ensure_notification(url: str) -> None:
     """A webhook block and an automation posting a summary when a job finishes or fails."""
     block = CustomWebhookNotificationBlock(
@@ -124,6 +137,9 @@ def bootstrap(settings: Settings) -> None:
         f"Secret blocks for pages: {', '.join(pages) or 'none (no PAGECAST_PAGE_ACCESS_TOKEN__<PAGE_ID>)'}"
     )
     deploy_all()
+    if settings.sweep_interval_seconds != DEFAULT_SWEEP_INTERVAL_SECONDS:
+        asyncio.run(schedule_sweep(settings.sweep_interval_seconds))
+        print(f"sweep every {settings.sweep_interval_seconds} s")
     if settings.notify_url:
         asyncio.run(ensure_notification(settings.notify_url))
         print(f"automation {AUTOMATION!r} posts job summaries to {settings.notify_url}")

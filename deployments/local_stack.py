@@ -3,20 +3,25 @@
     uv run python -m deployments.local_stack up [--port 4200]    (or: make up)
     uv run python -m deployments.local_stack down                (or: make down)
 
-Prefect keeps its own database, ``prefect``, on the PostgreSQL server of ``PAGECAST_DATABASE_URL``
-(SQLite locks under concurrent flow runs); with the embedded server, which lacks the ``pg_trgm``
-extension Prefect needs, it keeps SQLite under PREFECT_HOME. The state file
+Prefect keeps its own database, ``prefect``, on PostgreSQL (SQLite locks under concurrent flow
+runs): on the server of ``PAGECAST_DATABASE_URL`` when it has the ``pg_trgm`` extension Prefect
+needs, else on an embedded server of its own under ``$PAGECAST_HOME/prefect-pgdata`` (pagecast's
+embedded build lacks ``pg_trgm``), which runs until ``down``. The state file
 ``$PAGECAST_HOME/prefect-stack.json`` lets ``pagecast job run`` use this server."""
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -27,7 +32,9 @@ from pagecast.settings import get_settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0
+STOP_SECONDS = 10.0
 PREFECT_DATABASE = "prefect"
+PREFECT_PGDATA = "prefect-pgdata"
 
 
 @dataclass
@@ -40,25 +47,57 @@ class Stack:
     worker_pid: int | None = None
 
 
-def prefect_database_url(server_url: str, name: str = PREFECT_DATABASE) -> str | None:
-    """Prefect's database ``name`` on the server of ``server_url`` (created if missing) as an
-    asyncpg URL, or None when that server lacks ``pg_trgm`` (Prefect's migrations need it)."""
+def has_pg_trgm(server_url: str) -> bool:
+    """Whether ``server_url``'s server offers ``pg_trgm`` (Prefect's migrations need it)."""
     engine = sa.create_engine(server_url, poolclass=sa.NullPool)
     try:
         with engine.connect() as connection:
-            trgm = connection.execute(
-                sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'")
-            ).first()
+            return bool(
+                connection.execute(
+                    sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'")
+                ).first()
+            )
     finally:
         engine.dispose()
-    if not trgm:
-        return None
+
+
+def prefect_database_url(server_url: str, name: str = PREFECT_DATABASE) -> str:
+    """Prefect's database ``name`` on the server of ``server_url`` (created if missing) as an
+    asyncpg URL."""
     url = sa.make_url(ensure_database(server_url, name)).set(drivername="postgresql+asyncpg")
     if "sslmode" in url.query:  # asyncpg takes libpq's sslmode as ssl
         url = url.difference_update_query(["sslmode"]).update_query_dict(
             {"ssl": url.query["sslmode"]}
         )
     return url.render_as_string(hide_password=False)
+
+
+def _prefect_server(pgdata: Path, cleanup_mode: str | None) -> Any:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pgserver
+
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    return pgserver.get_server(pgdata.resolve(), cleanup_mode=cleanup_mode)
+
+
+def embedded_prefect_server_url(pgdata: Path) -> str:
+    """Start (or attach to) the embedded PostgreSQL with ``pg_trgm`` at ``pgdata`` and return its
+    URL; it keeps running after this process exits, until ``stop_embedded_prefect_server``."""
+    return (
+        _prefect_server(pgdata, cleanup_mode=None)
+        .get_uri()
+        .replace("postgresql://", "postgresql+psycopg://", 1)
+    )
+
+
+def stop_embedded_prefect_server(pgdata: Path) -> None:
+    """Stop the embedded PostgreSQL at ``pgdata``, if it was ever started."""
+    if (pgdata / "PG_VERSION").exists():
+        server = _prefect_server(pgdata, cleanup_mode="stop")
+        server.cleanup_mode = "stop"  # also when this process started it to outlive it
+        server.cleanup()
 
 
 def _spawn(args: list[str], *, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -124,26 +163,46 @@ def start_stack(
     return stack
 
 
+def _exited(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # a child of this process: reaped
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _stop_process_group(pid: int, grace_seconds: float = STOP_SECONDS) -> None:
+    """SIGTERM the process group led by ``pid``; SIGKILL it if ``pid`` outlives the grace."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_seconds
+    while not _exited(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
 def stop_stack(home: Path) -> None:
-    """Stop the processes recorded in the state file (worker first) and remove it."""
+    """Stop the processes recorded in the state file (worker first), then Prefect's embedded
+    database, and remove the file."""
     state = home / STACK_FILE
     if not state.exists():
         return
     stack = Stack(**json.loads(state.read_text()))
     for pid in (stack.worker_pid, stack.server_pid):
-        if pid is None:
-            continue
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
+        if pid is not None:
+            _stop_process_group(pid)
     state.unlink()
+    stop_embedded_prefect_server(home / PREFECT_PGDATA)
 
 
 def main() -> None:
@@ -161,8 +220,10 @@ def main() -> None:
     if stack_api_url(home):
         print(f"already running: {stack_api_url(home)}")
         return
-    database_url = settings.database_url and prefect_database_url(settings.database_url)
-    stack = start_stack(home, port=args.port, database_url=database_url)
+    server_url = settings.database_url
+    if not (server_url and has_pg_trgm(server_url)):
+        server_url = embedded_prefect_server_url(home / PREFECT_PGDATA)
+    stack = start_stack(home, port=args.port, database_url=prefect_database_url(server_url))
     print(f"Prefect UI: {stack.ui_url}")
     print(f"export PREFECT_API_URL={stack.api_url}   # then: make deploy")
 

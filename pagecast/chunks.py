@@ -178,11 +178,22 @@ class ChunkSender:
         self._ahead = asyncio.Semaphore(mark_ahead)
         self.fatal: JobFatalGraphError | None = None
         self.outage_error: GraphError | None = None
+        self._started = time.monotonic()
         self.error: BaseException | None = None
         self.outcomes: list[Outcome] = []
 
     def _stopping(self) -> bool:
-        return self.fatal is not None or self.outage_error is not None or self._recorder.stopping
+        return self.fatal is not None or self._outage_too_long() or self._recorder.stopping
+
+    def _outage_too_long(self) -> bool:
+        """The page's outage, seen by any chunk of this process, has lasted past the limit while
+        this chunk ran (a resumed job waits it out again before it pauses again)."""
+        if (
+            self.outage_error is None
+            and self._outage.failing_for(since=self._started) > self._outage_pause_after
+        ):
+            self.outage_error = self._outage.last_failure
+        return self.outage_error is not None
 
     def _settle(self, outcome: Outcome) -> None:
         self._recorder.record(outcome)
@@ -225,9 +236,9 @@ class ChunkSender:
         return Outcome(psid, RecipientStatus.SENT, message_id=result.message_id)
 
     async def _failed(self, psid: str, error: GraphError) -> None:
-        """A call failed without an answer from Meta: hold the page when that makes an outage,
-        and stop the chunk once the outage has lasted too long."""
-        hold = self._outage.failed(psid)
+        """A call failed without an answer from Meta: hold the page when that makes an outage
+        (the chunk stops once the outage has lasted too long: ``_stopping``)."""
+        hold = self._outage.failed(psid, error)
         if hold is not None:
             _log.warning(
                 "page %s: the Send API fails every call (%s); holding sends for %.0f s",
@@ -236,8 +247,6 @@ class ChunkSender:
                 hold,
             )
             await self._advise(self._pacer.hold(hold))
-        if self._outage.failing_for() > self._outage_pause_after:
-            self.outage_error = self.outage_error or error
 
     async def _advise(self, slowing: Awaitable[None]) -> None:
         """Slow the page down; a failure to do so (the database) never costs the answer."""

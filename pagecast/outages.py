@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from pagecast.errors import GraphError
+
 OUTAGE_FAILURES = 5
 OUTAGE_SECONDS = 1.0
 FIRST_HOLD_SECONDS = 1.0
@@ -32,16 +34,18 @@ class OutageWatch:
     def answered(self) -> None:
         """Meta answered a call: whatever was failing works again."""
         with self._lock:
+            self.last_failure: GraphError | None = None
             self._failing: set[str] = set()
             self._failing_since: float | None = None
             self._next_hold = FIRST_HOLD_SECONDS
             self._held_until = -math.inf
 
-    def failed(self, recipient: str) -> float | None:
-        """Count a failed call to ``recipient``; returns how long to hold the page when an outage
-        calls for a new hold (the previous one has run out), else ``None``."""
+    def failed(self, recipient: str, error: GraphError) -> float | None:
+        """Count a call to ``recipient`` that failed with ``error``; returns how long to hold the
+        page when an outage calls for a new hold (the previous one has run out), else ``None``."""
         with self._lock:
             now = self._clock()
+            self.last_failure = error
             if self._failing_since is None:
                 self._failing_since = now
             if len(self._failing) < OUTAGE_FAILURES:
@@ -60,10 +64,11 @@ class OutageWatch:
             and now - self._failing_since >= OUTAGE_SECONDS
         )
 
-    def failing_for(self) -> float:
-        """Seconds the page has been in an outage (0 when it is not in one)."""
+    def failing_for(self, since: float = -math.inf) -> float:
+        """Seconds the page has been in an outage, counted from ``since`` at the earliest (0 when
+        it is not in one)."""
         with self._lock:
             now = self._clock()
             if self._failing_since is None or not self._in_outage(now):
                 return 0.0
-            return now - self._failing_since
+            return now - max(self._failing_since, since)

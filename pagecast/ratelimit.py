@@ -183,6 +183,7 @@ class Pacer:
         self._last_release = -math.inf
         self._paused_until = -math.inf
         self._lock = threading.Lock()
+        self._refill_failure: tuple[float, sa.exc.OperationalError] | None = None
 
     def expect(self, count: int) -> None:
         """Announce ``count`` more sends (a chunk's recipients, a retry)."""
@@ -210,11 +211,19 @@ class Pacer:
                 return release_at
         return None
 
-    def _claim(self) -> float:
-        """The next release time; blocks while it reserves slots."""
+    def _claim(self, asked_at: float) -> float:
+        """The next release time; blocks while it reserves slots. A reservation that gave up on
+        the database fails every caller that asked before it gave up, instead of each retrying
+        for the whole window in turn."""
         with self._lock:
             while (release_at := self._release_locked()) is None:
-                self._refill_locked()
+                if self._refill_failure and asked_at <= self._refill_failure[0]:
+                    raise self._refill_failure[1]
+                try:
+                    self._refill_locked()
+                except sa.exc.OperationalError as error:
+                    self._refill_failure = (self._clock(), error)
+                    raise
             return release_at
 
     def _claim_at_once(self) -> float | None:
@@ -237,7 +246,7 @@ class Pacer:
         while True:
             release_at = self._claim_at_once()
             if release_at is None:
-                release_at = await asyncio.to_thread(self._claim)
+                release_at = await asyncio.to_thread(self._claim, self._clock())
             while (delay := release_at - self._clock()) > 0:
                 await asyncio.sleep(delay)
             if release_at >= self._paused_until:

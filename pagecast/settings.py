@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a page's Send API may fail every call before its jobs pause.",
     )
+    sweep_interval_seconds: int = Field(
+        default=60,
+        ge=5,
+        description="How often the scheduled sweep deployment runs (set by make deploy).",
+    )
     notify_url: str | None = Field(default=None, description="Webhook for job summaries.")
     app_secret: SecretStr | None = Field(default=None, description="Adds appsecret_proof to calls.")
 

@@ -1,5 +1,6 @@
 """Test fixtures: one real PostgreSQL per session (embedded unless ``PAGECAST_TEST_DATABASE_URL``
-names a server), one migrated template database, and a fresh clone of it for every test."""
+names a server), one migrated template database, and a fresh clone of it for every test; a
+PostgreSQL for running stacks' Prefect databases; one Prefect test harness."""
 
 import json
 import os
@@ -14,9 +15,26 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
+from deployments.local_stack import (
+    embedded_prefect_server_url,
+    has_pg_trgm,
+    stop_embedded_prefect_server,
+)
 from pagecast import db
 from pagecast.sandbox import Sandbox, SandboxConfig, running_sandbox
 from pagecast.settings import normalize_database_url
+from tests.engine import admin_execute
+
+# Started first, so that under ``pytest -n`` no worker is left with a long module at the end.
+SLOWEST_MODULES = ("test_stack_recovery.py", "test_operations.py", "test_crash_matrix.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
@@ -35,35 +53,41 @@ def server_url() -> Iterator[str]:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def _admin_execute(server_url: str, statement: str) -> None:
-    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with engine.connect() as connection:
-        connection.execute(sa.text(statement))
-    engine.dispose()
+@pytest.fixture(scope="session")
+def prefect_server_url(server_url: str) -> Iterator[str]:
+    """A PostgreSQL server with ``pg_trgm`` for running stacks' Prefect databases: the session's
+    server when it has the extension, else an embedded one of Prefect's own, as ``make up`` runs."""
+    if has_pg_trgm(server_url):
+        yield server_url
+        return
+    home = Path(tempfile.mkdtemp(prefix="pagecast-test-prefect-db-"))
+    yield embedded_prefect_server_url(home / "pgdata")
+    stop_embedded_prefect_server(home / "pgdata")
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def template_database(server_url: str) -> Iterator[str]:
     """A database migrated to head, cloned by every test."""
     name = f"pagecast_template_{uuid.uuid4().hex[:8]}"
-    _admin_execute(server_url, f"CREATE DATABASE {name}")
+    admin_execute(server_url, f"CREATE DATABASE {name}")
     url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
     engine = sa.create_engine(url, poolclass=sa.NullPool)
     db.upgrade(engine)
     engine.dispose()
     yield name
-    _admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
 def database_url(server_url: str, template_database: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
     name = f"pagecast_test_{uuid.uuid4().hex[:12]}"
-    _admin_execute(server_url, f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    admin_execute(server_url, f"CREATE DATABASE {name} TEMPLATE {template_database}")
     url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
     yield url
     db.engine_for(url).dispose()
-    _admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
@@ -73,13 +97,13 @@ def fresh_database(server_url: str, template_database: str) -> Iterator[Callable
 
     def make() -> str:
         name = f"pagecast_test_{uuid.uuid4().hex[:12]}"
-        _admin_execute(server_url, f"CREATE DATABASE {name} TEMPLATE {template_database}")
+        admin_execute(server_url, f"CREATE DATABASE {name} TEMPLATE {template_database}")
         names.append(name)
         return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
     yield make
     for name in names:
-        _admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin_execute(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
@@ -120,3 +144,13 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory, server_url, template_database, prefect_server_url):
+    """A running stack (Prefect server, process worker, bootstrap) shared by one test module."""
+    from tests.stack import running_stack
+
+    home = tmp_path_factory.mktemp("ops-home")
+    with running_stack(home, server_url, template_database, prefect_server_url) as ops:
+        yield ops

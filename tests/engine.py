@@ -17,6 +17,14 @@ from pagecast.validation import validate_message
 PAGE = "100200300"
 
 
+def admin_execute(server_url: str, statement: str) -> None:
+    """Run one statement outside a transaction (CREATE or DROP DATABASE) on ``server_url``."""
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    with engine.connect() as connection:
+        connection.execute(sa.text(statement))
+    engine.dispose()
+
+
 def make_settings(database_url: str, sandbox_url: str, **overrides) -> Settings:
     return Settings(
         database_url=database_url,

@@ -4,7 +4,7 @@ rows, no message delivered twice, every delivery recorded ``sent`` or ``unknown`
 within the bound: concurrency + 0.5 s × rate.
 
 Each case has its own database and page and runs real processes (``python -m pagecast sweep
---once``, no Prefect), several cases at once against one sandbox."""
+--once``, no Prefect), all cases at once against one sandbox."""
 
 import json
 import os
@@ -147,7 +147,7 @@ def test_a_runner_killed_anywhere_is_recovered_by_the_sweep_exactly_once(tmp_pat
             records = [json.loads(line) for line in ledger.read_text().splitlines()]
             return [(r["psid"], r["message_id"]) for r in records if r["page_id"] == page]
 
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
             futures = [
                 pool.submit(_run_case, case, i, urls[i], base_env, deliveries)
                 for i, case in enumerate(CASES)

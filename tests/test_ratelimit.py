@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import sqlalchemy as sa
 
+from pagecast import ratelimit
 from pagecast.ratelimit import (
     MIN_BACKOFF_FACTOR,
     PACING_MARGIN,
@@ -117,6 +118,24 @@ def test_one_pacer_is_shared_by_threads_with_their_own_event_loops(engine):
     assert len(released) == 3 * sends
     assert _busiest_second(released) <= 1.05 * rate + 1
     assert max(released) - min(released) >= (len(released) - 1) / rate
+
+
+async def test_senders_waiting_on_a_reservation_that_gave_up_give_up_with_it(engine, monkeypatch):
+    """50 senders of a run whose database is down: one retry window in all, not one each."""
+    calls = []
+
+    def database_down(*args, **kwargs):
+        calls.append(time.monotonic())
+        raise sa.exc.OperationalError("SELECT", {}, Exception("the database is down"))
+
+    monkeypatch.setattr(ratelimit, "reserve", database_down)
+    pacer = Pacer(engine, page_id=PAGE, rate=100.0, give_up_after=0.3)
+    pacer.expect(50)
+    outcomes = await asyncio.gather(
+        *(pacer.wait_for_slot() for _ in range(50)), return_exceptions=True
+    )
+    assert all(isinstance(outcome, sa.exc.OperationalError) for outcome in outcomes)
+    assert len(calls) <= 2 * 3  # a window of 0.3 s retries twice (0.1 s, 0.2 s): 3 calls
 
 
 def test_reservations_never_exceed_the_expected_sends(engine):
