@@ -46,6 +46,9 @@ class RecipientStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
+IN_FLIGHT_RECIPIENT_STATUSES = frozenset({RecipientStatus.CLAIMED, RecipientStatus.SENDING})
+
+
 class ShardStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"

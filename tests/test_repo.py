@@ -53,6 +53,37 @@ def test_create_job_from_psids(engine):
     assert progress.by_status == {"pending": 3}
 
 
+def test_progress_mid_run_equals_the_rows_counted_by_status(engine):
+    """Counters for the settled, a count of the rows in flight, the rest pending: the same as
+    counting every row."""
+    created = _create(engine, _request(recipients_from_psids([str(n) for n in range(1, 11)])))
+    moves = {
+        "1": "sent",
+        "2": "sent",
+        "3": "failed",
+        "4": "unknown",
+        "5": "sending",
+        "6": "claimed",
+    }
+    with db.session_scope(engine) as session:
+        for psid, status in moves.items():
+            session.execute(
+                sa.text("UPDATE send_job_recipients SET status = :s WHERE psid = :p"),
+                {"s": status, "p": psid},
+            )
+        session.execute(
+            sa.text("UPDATE send_jobs SET sent = 2, failed = 1, unknown = 1 WHERE id = :id"),
+            {"id": created.job.id},
+        )
+    with Session(engine) as session:
+        progress = repo.job_progress(session, job_id=created.job.id)
+        rows = session.execute(
+            sa.text("SELECT status, count(*) FROM send_job_recipients GROUP BY status")
+        ).all()
+    assert progress.by_status == dict(rows)
+    assert progress.pending == 4
+
+
 def test_idempotency_key_returns_the_existing_job(engine):
     first = _create(engine, _request(recipients_from_psids(["1", "2"]), key="launch-1"))
     again = _create(engine, _request(recipients_from_psids(["1", "2"]), key="launch-1"))
