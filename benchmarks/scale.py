@@ -12,7 +12,6 @@ For each size, in one run on one embedded PostgreSQL:
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,17 +40,19 @@ def _job_create(home: Path, psids: Path) -> tuple[float, float, uuid.UUID]:
     """Wall seconds and peak RSS (MB) of ``pagecast job create``, and the job's id."""
     create = ("job", "create", "--page-id", PAGE_ID, "--text", "Scale", "--recipients", str(psids))
     started = time.perf_counter()
-    result = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-m", "pagecast", *create, "--json"],
         env={k: v for k, v in os.environ.items() if not k.startswith("PAGECAST_")}
         | {"PAGECAST_HOME": str(home)},
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
-        check=True,
     )
+    output = process.stdout.read() if process.stdout else ""
+    _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return elapsed, peak_mb, uuid.UUID(json.loads(result.stdout)["id"])
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"pagecast job create failed ({status})")
+    return elapsed, usage.ru_maxrss / 1024, uuid.UUID(json.loads(output)["id"])
 
 
 def _bare_copy(engine: sa.Engine, psids: Path) -> float:
@@ -94,7 +95,7 @@ def main() -> None:
     sizes = [int(size) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as directory:
         home = Path(directory) / "home"
-        engine = db.ready_engine(Settings(home=home))
+        engine = db.ready_engine(Settings(home=home, database_url=None))
         print(
             f"{'recipients':>10}  {'job create s':>12}  {'COPY s':>7}  {'ratio':>6}  "
             f"{'peak RSS MB':>11}  {'status ms':>9}  {'row ms':>7}"

@@ -33,7 +33,7 @@ TOKEN_PREFIX = "PAGECAST_PAGE_ACCESS_TOKEN__"
 NOTIFY_BLOCK = "pagecast-job-summary"
 AUTOMATION = "pagecast: job summary to webhook"
 SWEEP_DEPLOYMENT = "sweep/sweep"
-DEFAULT_SWEEP_INTERVAL_SECONDS = 60  # prefect.yaml's cron
+YAML_SWEEP_INTERVAL_SECONDS = 60  # prefect.yaml's cron: every minute
 SUMMARY_BODY = (
     "job {{ event.payload.job_id }} on page {{ event.payload.page_id }} ended "
     "{{ event.payload.status }}: {{ event.payload.sent }} sent, {{ event.payload.failed }} failed, "
@@ -137,7 +137,7 @@ def bootstrap(settings: Settings) -> None:
         f"Secret blocks for pages: {', '.join(pages) or 'none (no PAGECAST_PAGE_ACCESS_TOKEN__<PAGE_ID>)'}"
     )
     deploy_all()
-    if settings.sweep_interval_seconds != DEFAULT_SWEEP_INTERVAL_SECONDS:
+    if settings.sweep_interval_seconds != YAML_SWEEP_INTERVAL_SECONDS:
         asyncio.run(schedule_sweep(settings.sweep_interval_seconds))
         print(f"sweep every {settings.sweep_interval_seconds} s")
     if settings.notify_url:

@@ -93,11 +93,13 @@ def embedded_prefect_server_url(pgdata: Path) -> str:
 
 
 def stop_embedded_prefect_server(pgdata: Path) -> None:
-    """Stop the embedded PostgreSQL at ``pgdata``, if it was ever started."""
-    if (pgdata / "PG_VERSION").exists():
-        server = _prefect_server(pgdata, cleanup_mode="stop")
-        server.cleanup_mode = "stop"  # also when this process started it to outlive it
-        server.cleanup()
+    """Stop the embedded PostgreSQL at ``pgdata`` if it runs: a fast shutdown (SIGINT) of the
+    postmaster its ``postmaster.pid`` names, waited for (never started to be stopped)."""
+    try:
+        postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return
+    _stop_process(postmaster, signal.SIGINT)
 
 
 def _spawn(args: list[str], *, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -131,12 +133,12 @@ def start_stack(
     home: Path,
     *,
     port: int,
-    database_url: str | None = None,
+    database_url: str,
     worker: bool = True,
     env: dict[str, str] | None = None,
 ) -> Stack:
-    """Start a Prefect server on ``port`` (loopback) with its database at ``database_url`` (None:
-    SQLite) and, with ``worker``, a process worker."""
+    """Start a Prefect server on ``port`` (loopback) with its database at ``database_url`` and,
+    with ``worker``, a process worker."""
     base = f"http://127.0.0.1:{port}"
     env = (env or dict(os.environ)) | {
         "PREFECT_API_URL": f"{base}/api",
@@ -145,13 +147,16 @@ def start_stack(
         "PAGECAST_PROJECT_DIR": str(PROJECT_DIR),
     }
     server_log = home / "logs" / "prefect-server.log"
-    database = {"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}
     server = _spawn(
         ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
         log=server_log,
-        env=env | database,
+        env=env | {"PREFECT_API_DATABASE_CONNECTION_URL": database_url},
     )
-    _wait_healthy(f"{base}/api", server, server_log)
+    try:
+        _wait_healthy(f"{base}/api", server, server_log)
+    except BaseException:
+        _stop_process(server.pid, signal.SIGTERM, group=True)
+        raise
     stack = Stack(api_url=f"{base}/api", ui_url=base, server_pid=server.pid)
     if worker:
         stack.worker_pid = _spawn(
@@ -176,17 +181,21 @@ def _exited(pid: int) -> bool:
     return False
 
 
-def _stop_process_group(pid: int, grace_seconds: float = STOP_SECONDS) -> None:
-    """SIGTERM the process group led by ``pid``; SIGKILL it if ``pid`` outlives the grace."""
+def _stop_process(
+    pid: int, stop: signal.Signals, *, group: bool = False, grace_seconds: float = STOP_SECONDS
+) -> None:
+    """Send ``stop`` to ``pid`` (with ``group``, to the process group it leads); SIGKILL if
+    ``pid`` outlives the grace."""
+    send = os.killpg if group else os.kill
     try:
-        os.killpg(pid, signal.SIGTERM)
+        send(pid, stop)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_seconds
     while not _exited(pid):
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+                send(pid, signal.SIGKILL)
             return
         time.sleep(0.05)
 
@@ -195,13 +204,12 @@ def stop_stack(home: Path) -> None:
     """Stop the processes recorded in the state file (worker first), then Prefect's embedded
     database, and remove the file."""
     state = home / STACK_FILE
-    if not state.exists():
-        return
-    stack = Stack(**json.loads(state.read_text()))
-    for pid in (stack.worker_pid, stack.server_pid):
-        if pid is not None:
-            _stop_process_group(pid)
-    state.unlink()
+    if state.exists():
+        stack = Stack(**json.loads(state.read_text()))
+        for pid in (stack.worker_pid, stack.server_pid):
+            if pid is not None:
+                _stop_process(pid, signal.SIGTERM, group=True)
+        state.unlink()
     stop_embedded_prefect_server(home / PREFECT_PGDATA)
 
 
@@ -223,7 +231,11 @@ def main() -> None:
     server_url = settings.database_url
     if not (server_url and has_pg_trgm(server_url)):
         server_url = embedded_prefect_server_url(home / PREFECT_PGDATA)
-    stack = start_stack(home, port=args.port, database_url=prefect_database_url(server_url))
+    try:
+        stack = start_stack(home, port=args.port, database_url=prefect_database_url(server_url))
+    except BaseException:
+        stop_embedded_prefect_server(home / PREFECT_PGDATA)
+        raise
     print(f"Prefect UI: {stack.ui_url}")
     print(f"export PREFECT_API_URL={stack.api_url}   # then: make deploy")
 

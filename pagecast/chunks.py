@@ -178,7 +178,7 @@ class ChunkSender:
         self._ahead = asyncio.Semaphore(mark_ahead)
         self.fatal: JobFatalGraphError | None = None
         self.outage_error: GraphError | None = None
-        self._started = time.monotonic()
+        self._started = outage.now()
         self.error: BaseException | None = None
         self.outcomes: list[Outcome] = []
 

@@ -31,6 +31,7 @@ _POOL_SIZE = 10
 RETRY_FIRST_SECONDS = 0.1
 RETRY_MAX_SECONDS = 2.0
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 
 def _embedded_server(home: Path) -> Any:
@@ -100,13 +101,19 @@ def retrying(work: Callable[[], T], *, give_up_after: float) -> T:
     """``work()``, run again with exponential backoff while the database is unreachable or a
     statement times out (``OperationalError``), for at most ``give_up_after`` seconds; ``work``
     must be one transaction, safe to repeat."""
-    deadline = time.monotonic() + give_up_after
+    started = time.monotonic()
     pause = RETRY_FIRST_SECONDS
     while True:
         try:
             return work()
-        except sa.exc.OperationalError:
-            if time.monotonic() + pause > deadline:
+        except sa.exc.OperationalError as error:
+            if time.monotonic() + pause > started + give_up_after:
+                _log.warning(
+                    "database work failed for %.1f s, giving up (window %g s): %s",
+                    time.monotonic() - started,
+                    give_up_after,
+                    error.orig or error,
+                )
                 raise
             time.sleep(pause)
             pause = min(RETRY_MAX_SECONDS, pause * 2)

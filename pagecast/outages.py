@@ -64,6 +64,10 @@ class OutageWatch:
             and now - self._failing_since >= OUTAGE_SECONDS
         )
 
+    def now(self) -> float:
+        """The watch's clock."""
+        return self._clock()
+
     def failing_for(self, since: float = -math.inf) -> float:
         """Seconds the page has been in an outage, counted from ``since`` at the earliest (0 when
         it is not in one)."""

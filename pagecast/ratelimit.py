@@ -218,12 +218,16 @@ class Pacer:
         with self._lock:
             while (release_at := self._release_locked()) is None:
                 if self._refill_failure and asked_at <= self._refill_failure[0]:
-                    raise self._refill_failure[1]
+                    failure = self._refill_failure[1]
+                    raise sa.exc.OperationalError(
+                        failure.statement, None, failure.orig
+                    ) from failure
                 try:
                     self._refill_locked()
                 except sa.exc.OperationalError as error:
                     self._refill_failure = (self._clock(), error)
                     raise
+                self._refill_failure = None
             return release_at
 
     def _claim_at_once(self) -> float | None:

@@ -169,24 +169,23 @@ class SandboxProcess:
         return httpx.get(f"{self.url}/__stats", timeout=30).json()
 
 
-def _before_others() -> None:
-    """A higher scheduling priority where allowed (root): Meta's servers do not share our cores,
-    and a sandbox starved by thirty starting processes would bunch the calls it stamps."""
-    with contextlib.suppress(PermissionError):
-        os.setpriority(os.PRIO_PROCESS, 0, -10)
-
-
 @contextmanager
 def sandbox_process(ledger: Path, env: dict[str, str]) -> Iterator[SandboxProcess]:
+    """The sandbox at a higher scheduling priority where allowed (root): Meta's servers do not
+    share our cores, and a sandbox starved by thirty starting processes bunches the calls it
+    stamps."""
     port = free_port()
     serve = ("sandbox", "serve", "--port", str(port), "--ledger", str(ledger))
+    log = ledger.with_name("sandbox.log").open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "pagecast", *serve],
         cwd=PROJECT_DIR,
         env=env,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_before_others,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, process.pid, -10)
     sandbox = SandboxProcess(f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 60
@@ -195,12 +194,19 @@ def sandbox_process(ledger: Path, env: dict[str, str]) -> Iterator[SandboxProces
                 sandbox.stats()
                 break
             except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "no sandbox"
+                assert process.poll() is None and time.monotonic() < deadline, (
+                    f"no sandbox: see {log.name}"
+                )
                 time.sleep(0.2)
         yield sandbox
     finally:
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
 
 
 @contextmanager
