@@ -25,14 +25,24 @@ from pagecast.sandbox import Sandbox, SandboxConfig, running_sandbox
 from pagecast.settings import normalize_database_url
 from tests.engine import admin_execute
 
-# Started first, so that under ``pytest -n`` no worker is left with a long module at the end.
-SLOWEST_MODULES = ("test_stack_recovery.py", "test_operations.py", "test_crash_matrix.py")
+# The order modules start in under ``pytest -n``: first those that time the page's schedule
+# against the wall clock, while the machine is still quiet (a neighbour's thirty starting
+# processes have stretched their sub-second windows); then the slowest, so that no worker is left
+# with a long module at the end.
+FIRST_MODULES = (
+    "test_ratelimit.py",
+    "test_engine.py",
+    "test_send_api_faults.py",
+    "test_stack_recovery.py",
+    "test_operations.py",
+    "test_crash_matrix.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         name = item.path.name
-        return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
+        return FIRST_MODULES.index(name) if name in FIRST_MODULES else len(FIRST_MODULES)
 
     items.sort(key=rank)
 

@@ -389,7 +389,7 @@ def _busiest(stamps: list[float], seconds: float) -> int:
 def test_one_worker_sends_ten_jobs_on_ten_pages_at_their_rates(ops, record_property):
     """Ten jobs of 2,000 recipients on ten pages and one of 200, started at once through the
     send-job deployment and run by the stack's one worker: every job completes and reaches each
-    recipient once, and each page's rate holds (on average, and within 5 % over any 10 s). The peak memory
+    recipient once, and each page's rate holds within 5 % (on average, and over any 10 s). The peak memory
     of the worker and of every flow run is printed; a run of 2,000 recipients peaks within 1.5×
     of the run of 200."""
     jobs = {
@@ -436,7 +436,7 @@ def test_one_worker_sends_ten_jobs_on_ten_pages_at_their_rates(ops, record_prope
     for page, job in jobs.items():
         sent_once(ops, job.id, f"load {page}", LOAD_PAGES[page])
         stamps = sorted(r["t"] for r in records if r["text"] == f"load {page}")
-        assert (len(stamps) - 1) / (stamps[-1] - stamps[0]) <= LOAD_RATE, page
+        assert (len(stamps) - 1) / (stamps[-1] - stamps[0]) <= 1.05 * LOAD_RATE, page
         # The sandbox stamps calls when its event loop gets to them, on two cores shared with
         # eleven flow runs and the other test worker: a stall of half a second moves that much
         # into the next second (22 then 66 at 50/s, on every page at once; busiest 5 s: 263),
