@@ -4,8 +4,8 @@
 
 Creates the ``pagecast`` process work pool, the tag concurrency limit on ``send-chunk`` tasks,
 one Secret block per page token found in the environment, every deployment of ``prefect.yaml``
-(the sweep every ``PAGECAST_SWEEP_INTERVAL_SECONDS``), and, when ``PAGECAST_NOTIFY_URL`` is set, a webhook block and an automation that posts each job's
-summary to it when the job ends."""
+(the sweep every ``PAGECAST_SWEEP_INTERVAL_SECONDS``), and, when ``PAGECAST_NOTIFY_URL`` is set,
+a webhook block and an automation that posts each job's summary to it when the job ends."""
 
 import asyncio
 import os

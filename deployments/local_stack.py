@@ -168,7 +168,8 @@ def start_stack(
     return stack
 
 
-def _exited(pid: int) -> bool:
+def exited(pid: int) -> bool:
+    """Whether ``pid`` has exited (reaped here when it is a child of this process)."""
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:  # a child of this process: reaped
             return True
@@ -192,7 +193,7 @@ def _stop_process(
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_seconds
-    while not _exited(pid):
+    while not exited(pid):
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 send(pid, signal.SIGKILL)

@@ -363,11 +363,3 @@ def pool_paused(ops: Ops) -> Iterator[None]:
         yield
     finally:
         ops.api("PATCH", "/work_pools/pagecast", json={"is_paused": False})
-
-
-def gone(pid: int) -> bool:
-    """The process exited (a zombie until its parent, this test process, reaps it)."""
-    try:
-        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True

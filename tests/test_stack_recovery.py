@@ -13,10 +13,7 @@ from dataclasses import asdict, dataclass
 import pytest
 import sqlalchemy as sa
 
-from deployments.local_stack import (
-    Stack,
-    start_stack,
-)
+from deployments.local_stack import Stack, exited, start_stack
 from pagecast.faults import CRASH_AT_ENV
 from pagecast.launch import STACK_FILE
 from tests.engine import (
@@ -30,7 +27,6 @@ from tests.stack import (
     Ops,
     ended,
     finish,
-    gone,
     runs_ended,
     sent_once,
     sent_once_within_the_bound,
@@ -162,7 +158,7 @@ def _restart_server(ops: Ops) -> None:
     """SIGKILL the stack's Prefect server (its whole process group) and start it again on the
     same port and database; the worker stays."""
     os.killpg(ops.stack.server_pid, signal.SIGKILL)
-    ops.wait_for(lambda: gone(ops.stack.server_pid), "the server to exit")
+    ops.wait_for(lambda: exited(ops.stack.server_pid), "the server to exit")
     time.sleep(3)  # down for a while: runs, tasks and the worker find no server
     home = ops.ledger.parent
     port = int(ops.stack.api_url.rsplit(":", 1)[1].split("/")[0])
@@ -186,7 +182,7 @@ def dead_worker(ops):
     """The worker process is gone (a worker host went down); the server still counts it online
     until three of its heartbeat intervals have passed."""
     os.killpg(ops.stack.worker_pid, signal.SIGKILL)
-    ops.wait_for(lambda: gone(ops.stack.worker_pid), "the worker to exit")
+    ops.wait_for(lambda: exited(ops.stack.worker_pid), "the worker to exit")
     return ops
 
 
