@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from pagecast.cli import app
@@ -20,6 +21,22 @@ def _jobs():
     result = _run("job", "list", "--json")
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def _command_paths(group: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    for command in group.registered_commands:
+        paths.append((*prefix, command.name or command.callback.__name__.replace("_", "-")))
+    for sub in group.registered_groups:
+        paths += _command_paths(sub.typer_instance, (*prefix, sub.name))
+    return paths
+
+
+@pytest.mark.parametrize("path", _command_paths(app), ids=" ".join)
+def test_every_command_explains_itself(path):
+    result = _run(*path, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
 
 
 @pytest.fixture

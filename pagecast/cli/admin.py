@@ -121,7 +121,7 @@ def sandbox_serve(
         int | None, typer.Option(help="Revoke the token after this many deliveries (code 190).")
     ] = None,
     fail_psid: Annotated[
-        list[str] | None, typer.Option(help="PSID=CODE[/SUBCODE] to fail always (repeatable).")
+        list[str] | None, typer.Option(help="PSID=CODE\\[/SUBCODE] to fail always (repeatable).")
     ] = None,
     token: Annotated[
         list[str] | None, typer.Option(help="Accept only these tokens (repeatable; default: any).")
