@@ -1,12 +1,10 @@
 """A running stack for end-to-end tests: a real `prefect server start` on a free loopback port
 (its database on PostgreSQL), a process worker and bootstrap, and helpers to drive them."""
 
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +29,7 @@ from deployments.local_stack import (
     stop_stack,
 )
 from pagecast import db
+from pagecast.sandbox_process import SandboxProcess, free_port, sandbox_process
 from tests.engine import (
     PAGE,
     admin_execute,
@@ -47,12 +46,6 @@ WAIT_SECONDS = 240  # a loaded 2-core machine can take ~50 s to start a flow run
 
 SWEEP_INTERVAL_SECONDS = 15
 SCHEDULE_WAIT_SECONDS = 120  # a scheduled sweep comes within 15 s; its run may take ~50 s to start
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -72,7 +65,7 @@ class Receiver(BaseHTTPRequestHandler):
 class Ops:
     stack: Stack
     engine: sa.Engine
-    sandbox: "SandboxProcess"
+    sandbox: SandboxProcess
     ledger: Path
     env: dict[str, str]
     prefect_url: str = ""
@@ -152,61 +145,6 @@ def bootstrap(env: dict[str, str]) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
-
-
-class SandboxProcess:
-    """The sandbox in a process of its own (``pagecast sandbox serve``), so that it stamps calls
-    as they arrive however busy this process is, driven over its control endpoints."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def configure(self, **changes: object) -> None:
-        httpx.post(f"{self.url}/__config", json=changes, timeout=10).raise_for_status()
-
-    def stats(self) -> dict:
-        """Its counters; the ledger file is flushed first."""
-        return httpx.get(f"{self.url}/__stats", timeout=30).json()
-
-
-@contextmanager
-def sandbox_process(ledger: Path, env: dict[str, str]) -> Iterator[SandboxProcess]:
-    """The sandbox at a higher scheduling priority where allowed (root): Meta's servers do not
-    share our cores, and a sandbox starved by thirty starting processes bunches the calls it
-    stamps."""
-    port = free_port()
-    serve = ("sandbox", "serve", "--port", str(port), "--ledger", str(ledger))
-    log = ledger.with_name("sandbox.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pagecast", *serve],
-        cwd=PROJECT_DIR,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    with contextlib.suppress(PermissionError):
-        os.setpriority(os.PRIO_PROCESS, process.pid, -10)
-    sandbox = SandboxProcess(f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                sandbox.stats()
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, (
-                    f"no sandbox: see {log.name}"
-                )
-                time.sleep(0.2)
-        yield sandbox
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 @contextmanager
