@@ -38,3 +38,5 @@ deploy: install
 bench: install
 	$(UV) run --frozen python -m benchmarks.send_throughput
 	$(UV) run --frozen python -m benchmarks.scale
+	$(UV) run --frozen python -m benchmarks.through_prefect
+	$(UV) run --frozen python -m benchmarks.many_pages
