@@ -40,3 +40,4 @@ bench: install
 	$(UV) run --frozen python -m benchmarks.scale
 	$(UV) run --frozen python -m benchmarks.through_prefect
 	$(UV) run --frozen python -m benchmarks.many_pages
+	$(UV) run --frozen python -m benchmarks.send_scale

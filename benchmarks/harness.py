@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import httpx
 import psutil
 import sqlalchemy as sa
 
@@ -69,6 +70,17 @@ class Bench:
         )
         with db.session_scope(self.engine) as session:
             return repo.create_job(session, request=request).job.id
+
+    def trigger(self, job_id: uuid.UUID) -> None:
+        """Start a run of the send-job deployment for the job, as a web app or the UI's Run
+        button does (``POST /deployments/{id}/create_flow_run``)."""
+        api = self.stack.api_url
+        deployment = httpx.get(f"{api}/deployments/name/send-job/send-job", timeout=30).json()
+        httpx.post(
+            f"{api}/deployments/{deployment['id']}/create_flow_run",
+            json={"parameters": {"job_id": str(job_id)}},
+            timeout=30,
+        ).raise_for_status()
 
     def finished(self, job_id: uuid.UUID) -> SendJob:
         """The job once it has ended (polled from the database)."""

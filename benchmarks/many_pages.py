@@ -13,8 +13,6 @@ import asyncio
 import resource
 import time
 
-import httpx
-
 from benchmarks.harness import (
     Bench,
     bare_sends,
@@ -45,15 +43,9 @@ def _processes(bench: Bench) -> dict[str, int]:
 def _pagecast(bench: Bench, pages: list[str], count: int, rate: float) -> tuple[float, float]:
     """Sends the jobs; returns their start and end (wall clock)."""
     jobs = [bench.create_job(page, count, rate=rate, concurrency=CONCURRENCY) for page in pages]
-    api = bench.stack.api_url
-    deployment = httpx.get(f"{api}/deployments/name/send-job/send-job", timeout=30).json()
     started = time.time()
     for job_id in jobs:
-        httpx.post(
-            f"{api}/deployments/{deployment['id']}/create_flow_run",
-            json={"parameters": {"job_id": str(job_id)}},
-            timeout=30,
-        ).raise_for_status()
+        bench.trigger(job_id)
     for job_id in jobs:
         job = bench.finished(job_id)
         if job.status != JobStatus.COMPLETED:

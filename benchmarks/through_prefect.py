@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
-
 from benchmarks.harness import Bench, Figures, bare_sends, running_bench
 from deployments.local_stack import PROJECT_DIR
 from pagecast.models import JobStatus
@@ -47,49 +45,47 @@ def _check(bench: Bench, job_id) -> None:
         raise RuntimeError(f"job {job_id} ended {job.status}: {job.last_error}")
 
 
-def job_run(bench: Bench, page_id: str, count: int, rate: float) -> float:
-    """`pagecast job run` with the stack running: its flow runs in a child of the CLI."""
+def _timed_cli(
+    bench: Bench,
+    page_id: str,
+    count: int,
+    rate: float,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> float:
+    """Create a job, then time ``pagecast *args JOB_ID`` from its start until the job ends."""
     job_id = bench.create_job(page_id, count, rate=rate, concurrency=CONCURRENCY)
     started = time.time()
-    bench.pagecast("job", "run", str(job_id)).wait()
+    bench.pagecast(*args, str(job_id), env=env).wait()
     _check(bench, job_id)
     return started
 
 
+def job_run(bench: Bench, page_id: str, count: int, rate: float) -> float:
+    """`pagecast job run` with the stack running: its flow runs in a child of the CLI."""
+    return _timed_cli(bench, page_id, count, rate, "job", "run")
+
+
 def ephemeral_job_run(bench: Bench, page_id: str, count: int, rate: float) -> float:
     """`pagecast job run` with no Prefect server: Prefect starts an ephemeral one."""
-    job_id = bench.create_job(page_id, count, rate=rate, concurrency=CONCURRENCY)
     alone = bench.home / "no-stack"
     env = {k: v for k, v in bench.env.items() if k != "PREFECT_API_URL"} | {
         "PAGECAST_HOME": str(alone),
         "PREFECT_HOME": str(alone / "prefect"),
     }
-    started = time.time()
-    bench.pagecast("job", "run", str(job_id), env=env).wait()
-    _check(bench, job_id)
-    return started
+    return _timed_cli(bench, page_id, count, rate, "job", "run", env=env)
 
 
 def job_submit(bench: Bench, page_id: str, count: int, rate: float) -> float:
     """`pagecast job submit`: a run of the send-job deployment, started by the worker."""
-    job_id = bench.create_job(page_id, count, rate=rate, concurrency=CONCURRENCY)
-    started = time.time()
-    bench.pagecast("job", "submit", str(job_id)).wait()
-    _check(bench, job_id)
-    return started
+    return _timed_cli(bench, page_id, count, rate, "job", "submit")
 
 
 def rest_trigger(bench: Bench, page_id: str, count: int, rate: float) -> float:
     """The REST call a web app (or the UI's Run button) makes: create a run of send-job."""
     job_id = bench.create_job(page_id, count, rate=rate, concurrency=CONCURRENCY)
-    api = bench.stack.api_url
-    deployment = httpx.get(f"{api}/deployments/name/send-job/send-job", timeout=30).json()
     started = time.time()
-    httpx.post(
-        f"{api}/deployments/{deployment['id']}/create_flow_run",
-        json={"parameters": {"job_id": str(job_id)}},
-        timeout=30,
-    ).raise_for_status()
+    bench.trigger(job_id)
     _check(bench, job_id)
     return started
 
