@@ -8,7 +8,9 @@ import uuid
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from pydantic import Field
+from sqlmodel import Session
 
 from flows.send_job import send_job
 from pagecast import repo
@@ -16,6 +18,7 @@ from pagecast.audience import recipients_from_psids
 from pagecast.db import ready_engine, session_scope
 from pagecast.errors import InvalidInput
 from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
+from pagecast.preview import preview_job
 from pagecast.settings import get_settings
 from pagecast.validation import (
     MAX_CONCURRENCY,
@@ -58,6 +61,21 @@ def broadcast_request(
     )
 
 
+def _preview(request: repo.JobRequest) -> dict[str, Any]:
+    with Session(ready_engine(get_settings())) as session:
+        preview = preview_job(session, request=request)
+    rows = [
+        {"item": item, "value": value}
+        for item, value in preview.as_dict().items()
+        if item != "samples"
+    ] + [{"item": f"sample {s['psid']}", "value": s["text"]} for s in preview.samples]
+    create_table_artifact(rows, description="broadcast preview (dry run: nothing written)")
+    get_run_logger().info(
+        "dry run: %d recipients to send, ETA %.0f s", preview.to_send, preview.eta_seconds
+    )
+    return preview.as_dict() | {"dry_run": True}
+
+
 @flow(name="broadcast")
 def broadcast(
     page_id: Annotated[str, Field(pattern=r"^[0-9]{1,32}$", description="The Facebook Page id")],
@@ -85,8 +103,13 @@ def broadcast(
     idempotency_key: Annotated[
         str | None, Field(max_length=255, description="Resubmitting the key returns the same job")
     ] = None,
+    dry_run: Annotated[
+        bool,
+        Field(description="Only preview: counts, a rendered sample and the ETA as an artifact"),
+    ] = False,
 ) -> dict[str, Any]:
-    """Create a pagecast job and send it; nothing is written when a value is invalid."""
+    """Create a pagecast job and send it (with ``dry_run``, preview it in an artifact and write
+    nothing); nothing is written when a value is invalid."""
     logger = get_run_logger()
     request = broadcast_request(
         page_id=page_id,
@@ -100,6 +123,8 @@ def broadcast(
         allow_high_volume=allow_high_volume,
         idempotency_key=idempotency_key,
     )
+    if dry_run:
+        return _preview(request)
     with session_scope(ready_engine(get_settings())) as session:
         created = repo.create_job(session, request=request)
     job_id: uuid.UUID = created.job.id

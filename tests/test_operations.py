@@ -158,6 +158,26 @@ def test_broadcast_over_rest_with_an_idempotency_key(ops):
     assert jobs == [(3, "completed")]
 
 
+def test_a_broadcast_dry_run_shows_its_preview_and_writes_nothing(ops):
+    with ops.engine.connect() as connection:
+        jobs_before = connection.execute(sa.text("SELECT count(*) FROM send_jobs")).scalar()
+    parameters = {"page_id": PAGE, "text": "Preview {first_name}", "psids": "6001 6002 6002"}
+    run = ops.start("broadcast/broadcast", parameters | {"dry_run": True})
+    ops.wait_for(
+        lambda: ops.api("GET", f"/flow_runs/{run['id']}").json()["state"]["type"] == "COMPLETED",
+        "the dry run",
+    )
+    body = {"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "type": {"any_": ["table"]}}}
+    (artifact,) = ops.api("POST", "/artifacts/filter", json=body).json()
+    table = json.loads(artifact["data"]) if isinstance(artifact["data"], str) else artifact["data"]
+    preview = {row["item"]: row["value"] for row in table}
+    assert (preview["recipients"], preview["duplicates_removed"], preview["to_send"]) == (2, 1, 2)
+    assert preview["sample 6001"] == "Preview "
+    with ops.engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM send_jobs")).scalar() == jobs_before
+    assert not [p for p in ops.delivered_psids("Preview ") if p in ("6001", "6002")]
+
+
 def test_bad_broadcast_values_are_rejected_before_anything_is_written(ops):
     """Each bad value is refused by the REST API (the deployment's parameter schema: HTTP 409) or
     fails its run (pagecast's validation in the flow); no row is written either way."""

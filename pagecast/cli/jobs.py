@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from sqlmodel import Session
 
 from pagecast import commands, db, launch, lifecycle, repo, trigger
 from pagecast.audience import ParsedRecipients, read_recipients
@@ -21,6 +22,7 @@ from pagecast.cli.common import (
 )
 from pagecast.errors import ConfigurationError, InvalidInput
 from pagecast.models import JobStatus, MessagingType, SendJob
+from pagecast.preview import Preview, preview_job
 from pagecast.reports import waiting_for
 from pagecast.settings import Settings
 from pagecast.validation import (
@@ -84,9 +86,13 @@ def job_create(
             "without an offset)."
         ),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(help="Preview the job (counts, a rendered sample, the ETA): write nothing."),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Create a pending job and print its id."""
+    """Create a pending job and print its id (with --dry-run: preview it)."""
     settings = load_settings()
     page_id = validate_page_id(page_id)
     message = validate_message(text, messaging_type, tag)
@@ -116,6 +122,14 @@ def job_create(
         resend_unknown=resend_unknown,
         scheduled_at=start_at,
     )
+    if dry_run:
+        with Session(db.ready_engine(settings)) as session:
+            preview = preview_job(session, request=request)
+        if as_json:
+            print_json(preview.as_dict())
+        else:
+            _print_preview(preview)
+        return
     with db.session_scope(db.ready_engine(settings)) as session:
         created = repo.create_job(session, request=request)
     job = created.job
@@ -136,6 +150,40 @@ def job_create(
     if created.opted_out_excluded:
         stderr.print(f"  {created.opted_out_excluded} opted-out contacts excluded")
     sys.stdout.write(f"{job.id}\n")
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s"
+
+
+def _print_preview(preview: Preview) -> None:
+    stdout.print("[bold]dry run: nothing written, nothing sent[/]")
+    if preview.existing_job_id:
+        stdout.print(
+            f"the idempotency key names job {preview.existing_job_id}: creating returns it"
+        )
+    table = Table(show_header=False, box=None)
+    table.add_row("recipients", f"{preview.recipients:,}")
+    table.add_row("duplicates removed", f"{preview.duplicates_removed:,}")
+    table.add_row("opted-out contacts excluded", f"{preview.opted_out_excluded:,}")
+    if preview.messaging_type != MessagingType.MESSAGE_TAG:
+        table.add_row("outside the 24-hour window", f"{preview.outside_window:,} would be skipped")
+    table.add_row("to send", f"{preview.to_send:,}")
+    table.add_row(
+        f"queued on page {preview.page_id}",
+        f"{preview.recipients_ahead:,} recipients of {preview.jobs_ahead} pending or running jobs",
+    )
+    table.add_row(
+        "ETA",
+        f"{_duration(preview.eta_seconds)} at {preview.rate_per_second:g}/s: done about "
+        f"{preview.finishes_at.astimezone():%Y-%m-%d %H:%M}",
+    )
+    stdout.print(table)
+    stdout.print("sample:")
+    for sample in preview.samples:
+        stdout.print(f"  {sample['psid']}: {sample['text']}", markup=False, highlight=False)
 
 
 def _parse_job_id(job_id: str) -> uuid.UUID:

@@ -1,0 +1,113 @@
+"""A job's preview (``--dry-run``): the job is created in a transaction that is rolled back, so the
+counts are exactly what creating it would give (de-duplication, opted-out contacts, the
+idempotency key), yet nothing is written and nothing is sent."""
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from pagecast import repo
+from pagecast.models import MessagingType
+from pagecast.ratelimit import PACING_MARGIN
+from pagecast.validation import render_text
+
+SAMPLE_SIZE = 3
+# Jobs whose pending recipients go out on the page before (or beside) a new one.
+_AHEAD_STATUSES = ("pending", "running")
+
+_OUTSIDE_WINDOW = sa.text(
+    """
+    SELECT count(*) FROM send_job_recipients r
+    JOIN contacts c ON c.page_id = :page_id AND c.psid = r.psid
+    WHERE r.job_id = :job_id AND c.last_interaction_at < now() - interval '24 hours'
+    """
+)
+_SAMPLE = sa.text(
+    """
+    SELECT r.psid, COALESCE(r.first_name, c.first_name), COALESCE(r.last_name, c.last_name)
+    FROM send_job_recipients r
+    LEFT JOIN contacts c ON c.page_id = :page_id AND c.psid = r.psid
+    WHERE r.job_id = :job_id ORDER BY r.psid LIMIT :limit
+    """
+)
+# Each queued message takes 1 / (its job's rate) of the page's shared send schedule.
+_AHEAD = sa.text(
+    """
+    SELECT count(*), COALESCE(sum((total - sent - failed - skipped - unknown) / rate_per_second), 0),
+           COALESCE(sum(total - sent - failed - skipped - unknown), 0)
+    FROM send_jobs WHERE page_id = :page_id AND status = ANY(:statuses) AND id <> :job_id
+    """
+)
+
+
+@dataclass
+class Preview:
+    """What creating the job would do; ``existing_job_id`` when its idempotency key already names
+    a job (creating would return that job)."""
+
+    page_id: str
+    messaging_type: str
+    recipients: int
+    duplicates_removed: int
+    opted_out_excluded: int
+    outside_window: int  # skipped at send time (24-hour window); 0 with MESSAGE_TAG
+    to_send: int
+    jobs_ahead: int
+    recipients_ahead: int
+    rate_per_second: float
+    starts_at: datetime
+    eta_seconds: float
+    finishes_at: datetime
+    samples: list[dict[str, str]] = field(default_factory=list)
+    existing_job_id: uuid.UUID | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["starts_at"] = self.starts_at.isoformat()
+        values["finishes_at"] = self.finishes_at.isoformat()
+        values["existing_job_id"] = str(self.existing_job_id) if self.existing_job_id else None
+        return values
+
+
+def preview_job(session: Session, *, request: repo.JobRequest) -> Preview:
+    """Preview the job ``request`` describes; the session's transaction is rolled back after."""
+    now = datetime.now(UTC)
+    try:
+        created = repo.create_job(session, request=request)
+        job = created.job
+        keys = {"job_id": job.id, "page_id": job.page_id}
+        ahead, ahead_seconds, recipients_ahead = session.execute(
+            _AHEAD, keys | {"statuses": list(_AHEAD_STATUSES)}
+        ).one()
+        windowed = job.messaging_type != MessagingType.MESSAGE_TAG
+        outside = session.execute(_OUTSIDE_WINDOW, keys).scalar_one() if windowed else 0
+        rows = session.execute(_SAMPLE, keys | {"limit": SAMPLE_SIZE}).all()
+        to_send = job.total - outside
+        starts_at = max(now, request.scheduled_at or now)
+        eta = (float(ahead_seconds) + to_send / job.rate_per_second) / PACING_MARGIN
+        return Preview(
+            page_id=job.page_id,
+            messaging_type=job.messaging_type,
+            recipients=job.total,
+            duplicates_removed=created.duplicates_removed,
+            opted_out_excluded=created.opted_out_excluded,
+            outside_window=outside,
+            to_send=to_send,
+            jobs_ahead=ahead,
+            recipients_ahead=int(recipients_ahead),
+            rate_per_second=job.rate_per_second,
+            starts_at=starts_at,
+            eta_seconds=eta,
+            finishes_at=starts_at + timedelta(seconds=eta),
+            samples=[
+                {"psid": psid, "text": render_text(job.text, first_name=first, last_name=last)}
+                for psid, first, last in rows
+            ],
+            existing_job_id=None if created.created else job.id,
+        )
+    finally:
+        session.rollback()

@@ -1,0 +1,122 @@
+"""`pagecast job create --dry-run`: the counts creating the job would give, a rendered sample and
+the ETA behind the page's queued work — with nothing written."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from pagecast.cli import app
+from tests.engine import PAGE, create_job
+
+runner = CliRunner()
+TABLES = ("send_jobs", "send_job_recipients", "contacts")
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _row_counts(engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        return {
+            t: connection.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar() for t in TABLES
+        }
+
+
+def _preview(*args) -> dict:
+    result = _run("job", "create", "--page-id", PAGE, "--dry-run", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def audience(tmp_path, pagecast_env):
+    """Contacts of the page (one opted out, one outside the 24-hour window) and a recipients file
+    naming them, a stranger and a duplicate."""
+    stale = (datetime.now(UTC) - timedelta(days=3)).isoformat()
+    fresh = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    contacts = tmp_path / "contacts.csv"
+    contacts.write_text(
+        "psid,first_name,last_name,opted_out,last_interaction_at\n"
+        f"1001,Ana,Lee,no,{fresh}\n1002,Ben,Roe,no,{stale}\n1003,Cy,Poe,yes,{fresh}\n"
+    )
+    assert _run("contacts", "import", contacts, "--page-id", PAGE).exit_code == 0
+    recipients = tmp_path / "recipients.txt"
+    recipients.write_text("1001\n1002\n1003\n1004\n1001\n")
+    return recipients
+
+
+def test_a_dry_run_counts_what_creating_would_and_writes_nothing(engine, audience):
+    before = _row_counts(engine)
+    preview = _preview("--text", "Hi {first_name}", "--recipients", audience, "--rate", "10")
+    assert _row_counts(engine) == before
+    assert {k: preview[k] for k in ("recipients", "duplicates_removed", "opted_out_excluded")} == {
+        "recipients": 3,
+        "duplicates_removed": 1,
+        "opted_out_excluded": 1,
+    }
+    assert (preview["outside_window"], preview["to_send"]) == (1, 2)
+    assert preview["samples"] == [
+        {"psid": "1001", "text": "Hi Ana"},
+        {"psid": "1002", "text": "Hi Ben"},
+        {"psid": "1004", "text": "Hi "},
+    ]
+    assert preview["existing_job_id"] is None
+    assert preview["eta_seconds"] == pytest.approx(2 / 10 / 0.97)
+
+
+def test_a_tagged_message_is_not_held_to_the_window(engine, audience):
+    preview = _preview(
+        "--text", "Hi", "--recipients", audience,
+        "--messaging-type", "MESSAGE_TAG", "--tag", "ACCOUNT_UPDATE",
+    )  # fmt: skip
+    assert (preview["outside_window"], preview["to_send"]) == (0, 3)
+
+
+def test_the_eta_counts_the_pages_queued_work_at_each_jobs_rate(engine, audience):
+    create_job(engine, 300, rate=30.0)  # 10 s of the page's schedule
+    create_job(engine, 500, rate=5.0, page_id="999")  # another page: not ahead
+    scheduled = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    preview = _preview(
+        "--text", "Hi", "--recipients", audience, "--rate", "2",
+        "--scheduled-at", scheduled.isoformat(),
+    )  # fmt: skip
+    assert (preview["jobs_ahead"], preview["recipients_ahead"]) == (1, 300)
+    assert preview["eta_seconds"] == pytest.approx((10 + 2 / 2) / 0.97)
+    assert datetime.fromisoformat(preview["starts_at"]) == scheduled
+
+
+def test_a_used_idempotency_key_previews_the_job_it_names(engine, audience):
+    created = _run(
+        "job", "create", "--page-id", PAGE, "--text", "Hi", "--recipients", audience,
+        "--idempotency-key", "spring-sale",
+    )  # fmt: skip
+    job_id = created.stdout.strip()
+    before = _row_counts(engine)
+    preview = _preview("--text", "Hi", "--recipients", audience, "--idempotency-key", "spring-sale")
+    assert preview["existing_job_id"] == job_id
+    assert _row_counts(engine) == before
+
+
+def test_a_bad_dry_run_fails_like_a_bad_create(engine, audience):
+    before = _row_counts(engine)
+    result = _run(
+        "job", "create", "--page-id", PAGE, "--dry-run", "--text", "x" * 2001,
+        "--recipients", audience,
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert "2,000" in result.output or "2000" in result.output
+    assert _row_counts(engine) == before
+
+
+def test_the_dry_run_prints_a_readable_preview(audience):
+    result = _run(
+        "job", "create", "--page-id", PAGE, "--dry-run", "--text", "Hi {first_name}",
+        "--recipients", audience,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for line in ("nothing written, nothing sent", "1 would be skipped", "ETA", "1001: Hi Ana"):
+        assert line in result.stdout
