@@ -1,4 +1,4 @@
-"""Tables: a send job, one row per recipient of a job, and a page's contacts."""
+"""Tables: a send job, one row per recipient of a job, its test sends, and a page's contacts."""
 
 import uuid
 from datetime import datetime
@@ -53,6 +53,13 @@ class ShardStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
+
+
+class TestSendStatus(StrEnum):
+    SENDING = "sending"  # written before the call: left so, the outcome is unknown
+    SENT = "sent"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
 
 
 class MessagingType(StrEnum):
@@ -225,6 +232,39 @@ class SendJobShard(SQLModel, table=True):
     heartbeat_at: datetime | None = Field(
         default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
     )
+    updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
+
+
+class JobTestSend(SQLModel, table=True):
+    """A test send of a job's message to one PSID (``pagecast job test``): not a recipient of the
+    job and not in its counters."""
+
+    __tablename__ = "job_test_sends"
+    __table_args__ = (_in_check("status", TestSendStatus),)
+
+    id: uuid.UUID = Field(
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+        )
+    )
+    job_id: uuid.UUID = Field(
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True),
+            sa.ForeignKey("send_jobs.id", ondelete="CASCADE"),
+            nullable=False,
+            index=True,
+        )
+    )
+    psid: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    text: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    status: str = Field(
+        default=TestSendStatus.SENDING,
+        sa_column=sa.Column(sa.Text, nullable=False, server_default=TestSendStatus.SENDING.value),
+    )
+    message_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    error_key: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    error_message: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    created_at: datetime = Field(sa_column=_now_column())
     updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
 
 

@@ -1,5 +1,6 @@
-"""``pagecast job …``: create, inspect, run and steer send jobs."""
+"""``pagecast job …``: create, inspect, test-send, run and steer send jobs."""
 
+import asyncio
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -20,11 +21,12 @@ from pagecast.cli.common import (
     stderr,
     stdout,
 )
-from pagecast.errors import ConfigurationError, InvalidInput
-from pagecast.models import JobStatus, MessagingType, SendJob
+from pagecast.errors import ConfigurationError, InvalidInput, MissingPageToken
+from pagecast.models import JobStatus, MessagingType, SendJob, TestSendStatus
 from pagecast.preview import Preview, preview_job
 from pagecast.reports import waiting_for
-from pagecast.settings import Settings
+from pagecast.settings import Settings, page_token_from_env
+from pagecast.testsend import send_tests, validate_test_psids
 from pagecast.validation import (
     text_length,
     validate_concurrency,
@@ -376,6 +378,46 @@ def job_resume(
     stderr.print(f"job {job.id} resumed")
     if run:
         run_and_watch(settings, job.id)
+
+
+@job_app.command("test")
+@handles_errors
+def job_test(
+    job_id: Annotated[str, typer.Argument(help="The job's id (pending or paused).")],
+    psid: Annotated[
+        list[str], typer.Option(help="A test recipient's PSID (repeatable, up to 20).")
+    ],
+    as_json: JsonOption = False,
+) -> None:
+    """Send the job's message, rendered for each test PSID, to those PSIDs only: not counted in
+    the job. Exit code 0 when every test message was sent, 1 otherwise."""
+    psids = validate_test_psids(psid)
+    settings = load_settings()
+    engine = db.ready_engine(settings)
+    with db.session_scope(engine) as session:
+        page_id = repo.get_job(session, job_id=_parse_job_id(job_id)).page_id
+    token = page_token_from_env(page_id)
+    if token is None:
+        raise MissingPageToken(page_id)
+    sends = asyncio.run(
+        send_tests(
+            engine,
+            settings,
+            job_id=_parse_job_id(job_id),
+            psids=psids,
+            token_for=lambda _page_id: token,
+        )
+    )
+    if as_json:
+        print_json([send.model_dump(mode="json", exclude={"job_id"}) for send in sends])
+    else:
+        table = Table("psid", "status", "detail", title=f"test sends of job {job_id}")
+        for send in sends:
+            detail = send.message_id or f"{send.error_key}: {send.error_message}"
+            table.add_row(send.psid, send.status, detail)
+        stdout.print(table)
+    if any(send.status != TestSendStatus.SENT for send in sends):
+        raise typer.Exit(1)
 
 
 @job_app.command("retry")
