@@ -10,7 +10,6 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import Field
-from sqlmodel import Session
 
 from flows.send_job import send_job
 from pagecast import repo
@@ -62,8 +61,7 @@ def broadcast_request(
 
 
 def _preview(request: repo.JobRequest) -> dict[str, Any]:
-    with Session(ready_engine(get_settings())) as session:
-        preview = preview_job(session, request=request)
+    preview = preview_job(ready_engine(get_settings()), request=request)
     rows = [
         {"item": item, "value": value}
         for item, value in preview.as_dict().items()

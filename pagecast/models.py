@@ -243,9 +243,10 @@ class JobTestSend(SQLModel, table=True):
     __table_args__ = (_in_check("status", TestSendStatus),)
 
     id: uuid.UUID = Field(
+        default_factory=uuid.uuid4,
         sa_column=sa.Column(
             pg.UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
-        )
+        ),
     )
     job_id: uuid.UUID = Field(
         sa_column=sa.Column(

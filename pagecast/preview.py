@@ -16,14 +16,13 @@ from pagecast.ratelimit import PACING_MARGIN
 from pagecast.validation import render_text
 
 SAMPLE_SIZE = 3
-# Jobs whose pending recipients go out on the page before (or beside) a new one.
-_AHEAD_STATUSES = ("pending", "running")
 
 _OUTSIDE_WINDOW = sa.text(
     """
     SELECT count(*) FROM send_job_recipients r
     JOIN contacts c ON c.page_id = :page_id AND c.psid = r.psid
-    WHERE r.job_id = :job_id AND c.last_interaction_at < now() - interval '24 hours'
+    WHERE r.job_id = :job_id AND r.status = 'pending'
+      AND c.last_interaction_at < now() - interval '24 hours'
     """
 )
 _SAMPLE = sa.text(
@@ -34,12 +33,16 @@ _SAMPLE = sa.text(
     WHERE r.job_id = :job_id ORDER BY r.psid LIMIT :limit
     """
 )
-# Each queued message takes 1 / (its job's rate) of the page's shared send schedule.
+# The page's work that goes out before (or beside) the job: running jobs and pending ones due by
+# its start. Each message takes 1 / (its job's rate) of the page's shared send schedule.
 _AHEAD = sa.text(
     """
     SELECT count(*), COALESCE(sum((total - sent - failed - skipped - unknown) / rate_per_second), 0),
            COALESCE(sum(total - sent - failed - skipped - unknown), 0)
-    FROM send_jobs WHERE page_id = :page_id AND status = ANY(:statuses) AND id <> :job_id
+    FROM send_jobs
+    WHERE page_id = :page_id AND id <> :job_id AND NOT cancel_requested
+      AND (status = 'running'
+           OR (status = 'pending' AND COALESCE(scheduled_at, now()) <= :starts_at))
     """
 )
 
@@ -73,41 +76,47 @@ class Preview:
         return values
 
 
-def preview_job(session: Session, *, request: repo.JobRequest) -> Preview:
-    """Preview the job ``request`` describes; the session's transaction is rolled back after."""
+def preview_job(engine: sa.Engine, *, request: repo.JobRequest) -> Preview:
+    """Preview the job ``request`` describes (with an idempotency key that names a job, what is
+    left of that job). The page is busy with the work ahead until ``now + ahead``; the job ends
+    its own work after that or after its start, whichever is later."""
     now = datetime.now(UTC)
-    try:
-        created = repo.create_job(session, request=request)
-        job = created.job
-        keys = {"job_id": job.id, "page_id": job.page_id}
-        ahead, ahead_seconds, recipients_ahead = session.execute(
-            _AHEAD, keys | {"statuses": list(_AHEAD_STATUSES)}
-        ).one()
-        windowed = job.messaging_type != MessagingType.MESSAGE_TAG
-        outside = session.execute(_OUTSIDE_WINDOW, keys).scalar_one() if windowed else 0
-        rows = session.execute(_SAMPLE, keys | {"limit": SAMPLE_SIZE}).all()
-        to_send = job.total - outside
-        starts_at = max(now, request.scheduled_at or now)
-        eta = (float(ahead_seconds) + to_send / job.rate_per_second) / PACING_MARGIN
-        return Preview(
-            page_id=job.page_id,
-            messaging_type=job.messaging_type,
-            recipients=job.total,
-            duplicates_removed=created.duplicates_removed,
-            opted_out_excluded=created.opted_out_excluded,
-            outside_window=outside,
-            to_send=to_send,
-            jobs_ahead=ahead,
-            recipients_ahead=int(recipients_ahead),
-            rate_per_second=job.rate_per_second,
-            starts_at=starts_at,
-            eta_seconds=eta,
-            finishes_at=starts_at + timedelta(seconds=eta),
-            samples=[
-                {"psid": psid, "text": render_text(job.text, first_name=first, last_name=last)}
-                for psid, first, last in rows
-            ],
-            existing_job_id=None if created.created else job.id,
-        )
-    finally:
-        session.rollback()
+    starts_at = max(now, request.scheduled_at or now)
+    with Session(engine) as session:
+        try:
+            created = repo.create_job(session, request=request)
+            job = created.job
+            keys = {"job_id": job.id, "page_id": job.page_id}
+            ahead, ahead_seconds, recipients_ahead = session.execute(
+                _AHEAD, keys | {"starts_at": starts_at}
+            ).one()
+            windowed = job.messaging_type != MessagingType.MESSAGE_TAG
+            outside = session.execute(_OUTSIDE_WINDOW, keys).scalar_one() if windowed else 0
+            rows = session.execute(_SAMPLE, keys | {"limit": SAMPLE_SIZE}).all()
+            to_send = job.total - job.sent - job.failed - job.skipped - job.unknown - outside
+            page_free_at = now + timedelta(seconds=float(ahead_seconds) / PACING_MARGIN)
+            finishes_at = max(page_free_at, starts_at) + timedelta(
+                seconds=to_send / job.rate_per_second / PACING_MARGIN
+            )
+            return Preview(
+                page_id=job.page_id,
+                messaging_type=job.messaging_type,
+                recipients=job.total,
+                duplicates_removed=created.duplicates_removed,
+                opted_out_excluded=created.opted_out_excluded,
+                outside_window=outside,
+                to_send=to_send,
+                jobs_ahead=ahead,
+                recipients_ahead=int(recipients_ahead),
+                rate_per_second=job.rate_per_second,
+                starts_at=starts_at,
+                eta_seconds=(finishes_at - now).total_seconds(),
+                finishes_at=finishes_at,
+                samples=[
+                    {"psid": psid, "text": render_text(job.text, first_name=first, last_name=last)}
+                    for psid, first, last in rows
+                ],
+                existing_job_id=None if created.created else job.id,
+            )
+        finally:
+            session.rollback()

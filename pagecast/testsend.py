@@ -1,26 +1,42 @@
-"""Test sends (``pagecast job test``): the job's exact message, rendered for each test PSID from
-its contact's names, sent to those PSIDs only. Each is written ahead (``sending``) before its call
-and paced on the page's shared schedule, like a job's sends; they are recorded in
-``job_test_sends``, never among the job's recipients or in its counters."""
+"""Test sends (``pagecast job test``): the job's exact message, rendered for each test PSID as the
+job would render it (the recipient row's names, else the contact's), sent to those PSIDs only.
+Each is written ahead (``sending``) just before its call and paced on the page's shared schedule,
+throttling included, like a job's sends; they are recorded in ``job_test_sends``, never among the
+job's recipients or in its counters."""
 
 import asyncio
 import uuid
 from collections.abc import Callable
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from pagecast import repo
 from pagecast.audience import recipients_from_psids
-from pagecast.errors import AmbiguousDelivery, GraphError, InvalidField, JobStateConflict
-from pagecast.graph import client_factory
-from pagecast.models import Contact, JobStatus, JobTestSend, SendJob, TestSendStatus
+from pagecast.chunks import TEXT_TOO_LONG
+from pagecast.errors import (
+    AmbiguousDelivery,
+    GraphError,
+    InvalidField,
+    JobStateConflict,
+    ThrottledError,
+)
+from pagecast.graph import GraphClient, client_factory
+from pagecast.models import MAX_TEXT_LENGTH, JobStatus, JobTestSend, SendJob, TestSendStatus
 from pagecast.ratelimit import Pacer
 from pagecast.settings import Settings
-from pagecast.validation import render_text
+from pagecast.validation import render_text, text_length
 
 MAX_TEST_PSIDS = 20
 _TESTABLE = (JobStatus.PENDING, JobStatus.PAUSED)
+_NAMES = sa.text(
+    """
+    SELECT p.psid, COALESCE(r.first_name, c.first_name), COALESCE(r.last_name, c.last_name)
+    FROM unnest(CAST(:psids AS text[])) AS p(psid)
+    LEFT JOIN send_job_recipients r ON r.job_id = :job_id AND r.psid = p.psid
+    LEFT JOIN contacts c ON c.page_id = :page_id AND c.psid = p.psid
+    """
+)
 
 
 def validate_test_psids(psids: list[str]) -> list[str]:
@@ -35,36 +51,50 @@ def validate_test_psids(psids: list[str]) -> list[str]:
     return unique
 
 
-def _write_ahead(
+def _rendered(
     engine: sa.Engine, job_id: uuid.UUID, psids: list[str]
 ) -> tuple[SendJob, list[JobTestSend]]:
-    with Session(engine, expire_on_commit=False) as session, session.begin():
-        job = repo.get_job(session, job_id=job_id, for_update=True)
+    """The job, checked to be testable, and a test send per PSID with its rendered text."""
+    with Session(engine, expire_on_commit=False) as session:
+        job = repo.get_job(session, job_id=job_id)
         if job.status not in _TESTABLE:
             raise JobStateConflict(job_id, job.status, "only a pending or paused job is test-sent")
-        names = {
-            contact.psid: contact
-            for contact in session.exec(
-                select(Contact).where(Contact.page_id == job.page_id, col(Contact.psid).in_(psids))
-            )
-        }
-        sends = []
-        for psid in psids:
-            contact = names.get(psid)
-            text = render_text(
-                job.text,
-                first_name=contact.first_name if contact else None,
-                last_name=contact.last_name if contact else None,
-            )
-            sends.append(JobTestSend(job_id=job.id, psid=psid, text=text))
-        session.add_all(sends)
-    return job, sends
+        keys = {"psids": psids, "job_id": job.id, "page_id": job.page_id}
+        names = {psid: (first, last) for psid, first, last in session.execute(_NAMES, keys)}
+    return job, [
+        JobTestSend(
+            job_id=job.id,
+            psid=psid,
+            text=render_text(job.text, first_name=names[psid][0], last_name=names[psid][1]),
+        )
+        for psid in psids
+    ]
 
 
-def _record(engine: sa.Engine, sends: list[JobTestSend]) -> None:
+def _save(engine: sa.Engine, send: JobTestSend) -> None:
     with Session(engine, expire_on_commit=False) as session, session.begin():
-        for send in sends:
-            session.merge(send)
+        session.merge(send)
+
+
+async def _send_one(client: GraphClient, pacer: Pacer, job: SendJob, send: JobTestSend) -> None:
+    """Fill in the send's outcome; a throttled call slows the page down for every runner."""
+    try:
+        result = await client.send_text(
+            page_id=job.page_id,
+            psid=send.psid,
+            text=send.text,
+            messaging_type=job.messaging_type,
+            tag=job.tag,
+        )
+    except GraphError as error:
+        if isinstance(error, ThrottledError):
+            await pacer.throttled(error.retry_after)
+        ambiguous = isinstance(error, AmbiguousDelivery)
+        send.status = TestSendStatus.UNKNOWN if ambiguous else TestSendStatus.FAILED
+        send.error_key, send.error_message = error.code_key, error.message
+    else:
+        await pacer.observe_usage(result.usage_percent)
+        send.status, send.message_id = TestSendStatus.SENT, result.message_id
 
 
 async def send_tests(
@@ -75,35 +105,26 @@ async def send_tests(
     psids: list[str],
     token_for: Callable[[str], str],
 ) -> list[JobTestSend]:
-    """Send the job's message to ``psids`` (validated, at most ``MAX_TEST_PSIDS``) and return the
-    recorded test sends; ``JobStateConflict`` unless the job is pending or paused."""
-    psids = validate_test_psids(psids)
-    job, sends = await asyncio.to_thread(_write_ahead, engine, job_id, psids)
+    """Send the job's message to ``psids`` (validated, at most ``MAX_TEST_PSIDS``), one at a
+    time, and return the recorded test sends; ``JobStateConflict`` unless the job is pending or
+    paused."""
+    job, sends = await asyncio.to_thread(_rendered, engine, job_id, validate_test_psids(psids))
     pacer = Pacer(
         engine,
         page_id=job.page_id,
         rate=job.rate_per_second,
         give_up_after=settings.db_retry_seconds,
     )
-    pacer.expect(len(sends))
-    try:
-        async with client_factory(settings, token_for)(len(sends)) as client:
-            for send in sends:
-                await pacer.wait_for_slot()
-                try:
-                    result = await client.send_text(
-                        page_id=job.page_id,
-                        psid=send.psid,
-                        text=send.text,
-                        messaging_type=job.messaging_type,
-                        tag=job.tag,
-                    )
-                except GraphError as error:
-                    ambiguous = isinstance(error, AmbiguousDelivery)
-                    send.status = TestSendStatus.UNKNOWN if ambiguous else TestSendStatus.FAILED
-                    send.error_key, send.error_message = error.code_key, error.message
-                else:
-                    send.status, send.message_id = TestSendStatus.SENT, result.message_id
-    finally:
-        await asyncio.to_thread(_record, engine, sends)
+    async with client_factory(settings, token_for)(1) as client:
+        for send in sends:
+            if text_length(send.text) > MAX_TEXT_LENGTH:  # as the job would: no call
+                send.status, send.error_key = TestSendStatus.FAILED, TEXT_TOO_LONG
+                send.error_message = f"the rendered text is over {MAX_TEXT_LENGTH} characters"
+                await asyncio.to_thread(_save, engine, send)
+                continue
+            pacer.expect(1)
+            await pacer.wait_for_slot()
+            await asyncio.to_thread(_save, engine, send)  # written ahead: left so, it is unknown
+            await _send_one(client, pacer, job, send)
+            await asyncio.to_thread(_save, engine, send)
     return sends

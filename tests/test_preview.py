@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from pagecast.cli import app
-from tests.engine import PAGE, create_job
+from tests.engine import PAGE, admin_execute, create_job
 
 runner = CliRunner()
 TABLES = ("send_jobs", "send_job_recipients", "contacts")
@@ -65,7 +65,7 @@ def test_a_dry_run_counts_what_creating_would_and_writes_nothing(engine, audienc
         {"psid": "1004", "text": "Hi "},
     ]
     assert preview["existing_job_id"] is None
-    assert preview["eta_seconds"] == pytest.approx(2 / 10 / 0.97)
+    assert preview["eta_seconds"] == pytest.approx(2 / 10 / 0.97, abs=1e-3)
 
 
 def test_a_tagged_message_is_not_held_to_the_window(engine, audience):
@@ -76,28 +76,44 @@ def test_a_tagged_message_is_not_held_to_the_window(engine, audience):
     assert (preview["outside_window"], preview["to_send"]) == (0, 3)
 
 
-def test_the_eta_counts_the_pages_queued_work_at_each_jobs_rate(engine, audience):
-    create_job(engine, 300, rate=30.0)  # 10 s of the page's schedule
-    create_job(engine, 500, rate=5.0, page_id="999")  # another page: not ahead
+def test_the_eta_counts_the_work_due_on_the_page_before_it_at_each_jobs_rate(engine, audience):
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    create_job(engine, 300, rate=30.0)  # due now: 10 s of the page's schedule
+    create_job(engine, 100, rate=1.0, scheduled_at=tomorrow)  # starts after the new job
+    create_job(engine, 500, rate=5.0, page_id="999")  # another page
+    preview = _preview("--text", "Hi", "--recipients", audience, "--rate", "2")
+    assert (preview["jobs_ahead"], preview["recipients_ahead"]) == (1, 300)
+    assert preview["eta_seconds"] == pytest.approx((10 + 2 / 2) / 0.97, abs=0.1)
+
+
+def test_a_later_start_waits_for_itself_not_for_work_done_by_then(engine, audience):
+    create_job(engine, 300, rate=30.0)
     scheduled = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
     preview = _preview(
         "--text", "Hi", "--recipients", audience, "--rate", "2",
         "--scheduled-at", scheduled.isoformat(),
     )  # fmt: skip
-    assert (preview["jobs_ahead"], preview["recipients_ahead"]) == (1, 300)
-    assert preview["eta_seconds"] == pytest.approx((10 + 2 / 2) / 0.97)
     assert datetime.fromisoformat(preview["starts_at"]) == scheduled
+    finishes_at = datetime.fromisoformat(preview["finishes_at"])
+    assert (finishes_at - scheduled).total_seconds() == pytest.approx(2 / 2 / 0.97)
 
 
-def test_a_used_idempotency_key_previews_the_job_it_names(engine, audience):
+def test_a_used_idempotency_key_previews_what_is_left_of_its_job(engine, audience, pagecast_env):
     created = _run(
         "job", "create", "--page-id", PAGE, "--text", "Hi", "--recipients", audience,
         "--idempotency-key", "spring-sale",
     )  # fmt: skip
     job_id = created.stdout.strip()
+    preview = _preview("--text", "Hi", "--recipients", audience, "--idempotency-key", "spring-sale")
+    assert (preview["existing_job_id"], preview["to_send"]) == (job_id, 2)
+    admin_execute(
+        pagecast_env,
+        f"UPDATE send_job_recipients SET status = 'sent' WHERE job_id = '{job_id}'; "
+        f"UPDATE send_jobs SET status = 'completed', sent = 3 WHERE id = '{job_id}'",
+    )
     before = _row_counts(engine)
     preview = _preview("--text", "Hi", "--recipients", audience, "--idempotency-key", "spring-sale")
-    assert preview["existing_job_id"] == job_id
+    assert (preview["existing_job_id"], preview["to_send"]) == (job_id, 0)
     assert _row_counts(engine) == before
 
 

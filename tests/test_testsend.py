@@ -106,3 +106,43 @@ def test_without_a_token_nothing_is_sent(engine, sending, monkeypatch):
     assert result.exit_code == 1
     assert f"no access token for page {PAGE}" in result.output
     assert (ledger(), _test_sends(engine)) == ([], [])
+
+
+def test_a_paused_job_is_test_sent_as_its_recipients_would_be_addressed(
+    engine, database_url, sending, tmp_path
+):
+    _, ledger = sending
+    recipients = tmp_path / "r.csv"
+    recipients.write_text("psid,first_name\n2001,Anna\n2003,Zoe\n")
+    created = _run(
+        "job", "create", "--page-id", PAGE, "--text", "Hi {first_name}!", "--recipients", recipients
+    )  # fmt: skip
+    job_id = created.stdout.strip()
+    admin_execute(database_url, f"UPDATE send_jobs SET status = 'paused' WHERE id = '{job_id}'")
+    result = _run("job", "test", job_id, "--psid", "2003", "--psid", "2001")
+    assert result.exit_code == 0, result.output
+    assert sorted(r["text"] for r in ledger()) == ["Hi Anna!", "Hi Zoe!"]  # the job's own names
+
+
+def test_unknown_throttled_and_too_long_outcomes(engine, database_url, sending):
+    state, ledger = sending
+    state.config.fail_psids = {"2002": "613"}
+    job = create_job(engine, 5, text="{first_name}" + "x" * 1988)  # 2,000 characters
+    admin_execute(
+        database_url, f"UPDATE contacts SET first_name = '{'A' * 30}' WHERE psid = '2001'"
+    )
+    result = _run("job", "test", job.id, "--psid", "2001", "--psid", "2002", "--json")
+    assert result.exit_code == 1
+    outcomes = {s["psid"]: (s["status"], s["error_key"]) for s in json.loads(result.stdout)}
+    assert outcomes == {"2001": ("failed", "rendered_text_too_long"), "2002": ("failed", "613")}
+    assert ledger() == []
+    with engine.connect() as connection:
+        factor = connection.execute(
+            sa.text("SELECT backoff_factor FROM page_send_rates WHERE page_id = :page"),
+            {"page": PAGE},
+        ).scalar()
+    assert factor < 1  # the throttle slowed the page down for every runner
+    state.config.fail_psids = {}
+    state.config.ambiguous_rate = 1.0
+    result = _run("job", "test", job.id, "--psid", "2003", "--json")
+    assert json.loads(result.stdout)[0]["status"] == "unknown"

@@ -3,6 +3,7 @@
 import functools
 import json
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -31,6 +32,14 @@ def handles_errors(command: F) -> F:
             raise typer.Exit(2 if isinstance(exc, InvalidInput) else 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_job_id(job_id: str) -> uuid.UUID:
+    """The job id given on the command line; ``InvalidInput`` unless it is a UUID."""
+    try:
+        return uuid.UUID(job_id)
+    except ValueError:
+        raise InvalidInput(f"job_id: {job_id!r} is not a UUID") from None
 
 
 def load_settings() -> Settings:

@@ -1,6 +1,5 @@
 """``pagecast job …``: create, inspect, test-send, run and steer send jobs."""
 
-import asyncio
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -9,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlmodel import Session
 
 from pagecast import commands, db, launch, lifecycle, repo, trigger
 from pagecast.audience import ParsedRecipients, read_recipients
@@ -17,16 +15,17 @@ from pagecast.cli.common import (
     JsonOption,
     handles_errors,
     load_settings,
+    parse_job_id,
     print_json,
     stderr,
     stdout,
 )
-from pagecast.errors import ConfigurationError, InvalidInput, MissingPageToken
-from pagecast.models import JobStatus, MessagingType, SendJob, TestSendStatus
-from pagecast.preview import Preview, preview_job
+from pagecast.cli.previews import job_test, print_preview
+from pagecast.errors import ConfigurationError, InvalidInput
+from pagecast.models import JobStatus, MessagingType, SendJob
+from pagecast.preview import preview_job
 from pagecast.reports import waiting_for
-from pagecast.settings import Settings, page_token_from_env
-from pagecast.testsend import send_tests, validate_test_psids
+from pagecast.settings import Settings
 from pagecast.validation import (
     text_length,
     validate_concurrency,
@@ -125,12 +124,11 @@ def job_create(
         scheduled_at=start_at,
     )
     if dry_run:
-        with Session(db.ready_engine(settings)) as session:
-            preview = preview_job(session, request=request)
+        preview = preview_job(db.ready_engine(settings), request=request)
         if as_json:
             print_json(preview.as_dict())
         else:
-            _print_preview(preview)
+            print_preview(preview)
         return
     with db.session_scope(db.ready_engine(settings)) as session:
         created = repo.create_job(session, request=request)
@@ -154,47 +152,6 @@ def job_create(
     sys.stdout.write(f"{job.id}\n")
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s"
-
-
-def _print_preview(preview: Preview) -> None:
-    stdout.print("[bold]dry run: nothing written, nothing sent[/]")
-    if preview.existing_job_id:
-        stdout.print(
-            f"the idempotency key names job {preview.existing_job_id}: creating returns it"
-        )
-    table = Table(show_header=False, box=None)
-    table.add_row("recipients", f"{preview.recipients:,}")
-    table.add_row("duplicates removed", f"{preview.duplicates_removed:,}")
-    table.add_row("opted-out contacts excluded", f"{preview.opted_out_excluded:,}")
-    if preview.messaging_type != MessagingType.MESSAGE_TAG:
-        table.add_row("outside the 24-hour window", f"{preview.outside_window:,} would be skipped")
-    table.add_row("to send", f"{preview.to_send:,}")
-    table.add_row(
-        f"queued on page {preview.page_id}",
-        f"{preview.recipients_ahead:,} recipients of {preview.jobs_ahead} pending or running jobs",
-    )
-    table.add_row(
-        "ETA",
-        f"{_duration(preview.eta_seconds)} at {preview.rate_per_second:g}/s: done about "
-        f"{preview.finishes_at.astimezone():%Y-%m-%d %H:%M}",
-    )
-    stdout.print(table)
-    stdout.print("sample:")
-    for sample in preview.samples:
-        stdout.print(f"  {sample['psid']}: {sample['text']}", markup=False, highlight=False)
-
-
-def _parse_job_id(job_id: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(job_id)
-    except ValueError:
-        raise InvalidInput(f"job_id: {job_id!r} is not a UUID") from None
-
-
 @job_app.command("status")
 @handles_errors
 def job_status(
@@ -203,7 +160,7 @@ def job_status(
     """A job's status, counters, pending recipients and error summary."""
     settings = load_settings()
     with db.session_scope(db.ready_engine(settings)) as session:
-        progress = repo.job_progress(session, job_id=_parse_job_id(job_id))
+        progress = repo.job_progress(session, job_id=parse_job_id(job_id))
         waiting = waiting_for(session, progress.job, lease_seconds=settings.lease_seconds)
     job = progress.job
     if as_json:
@@ -302,7 +259,7 @@ def job_submit(
     ] = None,
 ) -> None:
     """Start the job on the Prefect server (the send-job deployment) and print the flow run id."""
-    job_uuid = _parse_job_id(job_id)
+    job_uuid = parse_job_id(job_id)
     settings = load_settings()
     engine = db.ready_engine(settings)
     with db.session_scope(engine) as session:
@@ -337,7 +294,7 @@ def job_run(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> Non
     """Run the send-job flow for a job with a progress bar, then print the summary.
 
     Exit code 0 when the job completes (with or without errors), 1 otherwise."""
-    run_and_watch(load_settings(), _parse_job_id(job_id))
+    run_and_watch(load_settings(), parse_job_id(job_id))
 
 
 @job_app.command("cancel")
@@ -348,7 +305,7 @@ def job_cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> 
     with db.session_scope(db.ready_engine(settings)) as session:
         job = commands.cancel_job(
             session,
-            job_id=_parse_job_id(job_id),
+            job_id=parse_job_id(job_id),
             recovery=lifecycle.Recovery.from_settings(settings),
         )
     stderr.print(
@@ -361,7 +318,7 @@ def job_cancel(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> 
 def job_pause(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
     """Pause a job without losing its place; `pagecast job resume` continues it."""
     with db.session_scope(db.ready_engine(load_settings())) as session:
-        commands.pause_job(session, job_id=_parse_job_id(job_id))
+        commands.pause_job(session, job_id=parse_job_id(job_id))
     stderr.print(f"job {job_id} paused")
 
 
@@ -374,50 +331,13 @@ def job_resume(
     """Make a paused job pending again and run it."""
     settings = load_settings()
     with db.session_scope(db.ready_engine(settings)) as session:
-        job = commands.resume_job(session, job_id=_parse_job_id(job_id))
+        job = commands.resume_job(session, job_id=parse_job_id(job_id))
     stderr.print(f"job {job.id} resumed")
     if run:
         run_and_watch(settings, job.id)
 
 
-@job_app.command("test")
-@handles_errors
-def job_test(
-    job_id: Annotated[str, typer.Argument(help="The job's id (pending or paused).")],
-    psid: Annotated[
-        list[str], typer.Option(help="A test recipient's PSID (repeatable, up to 20).")
-    ],
-    as_json: JsonOption = False,
-) -> None:
-    """Send the job's message, rendered for each test PSID, to those PSIDs only: not counted in
-    the job. Exit code 0 when every test message was sent, 1 otherwise."""
-    psids = validate_test_psids(psid)
-    settings = load_settings()
-    engine = db.ready_engine(settings)
-    with db.session_scope(engine) as session:
-        page_id = repo.get_job(session, job_id=_parse_job_id(job_id)).page_id
-    token = page_token_from_env(page_id)
-    if token is None:
-        raise MissingPageToken(page_id)
-    sends = asyncio.run(
-        send_tests(
-            engine,
-            settings,
-            job_id=_parse_job_id(job_id),
-            psids=psids,
-            token_for=lambda _page_id: token,
-        )
-    )
-    if as_json:
-        print_json([send.model_dump(mode="json", exclude={"job_id"}) for send in sends])
-    else:
-        table = Table("psid", "status", "detail", title=f"test sends of job {job_id}")
-        for send in sends:
-            detail = send.message_id or f"{send.error_key}: {send.error_message}"
-            table.add_row(send.psid, send.status, detail)
-        stdout.print(table)
-    if any(send.status != TestSendStatus.SENT for send in sends):
-        raise typer.Exit(1)
+job_app.command("test")(handles_errors(job_test))
 
 
 @job_app.command("retry")
@@ -433,8 +353,8 @@ def job_retry(
     settings = load_settings()
     with db.session_scope(db.ready_engine(settings)) as session:
         requeued = commands.requeue_job(
-            session, job_id=_parse_job_id(job_id), include_unknown=include_unknown
+            session, job_id=parse_job_id(job_id), include_unknown=include_unknown
         )
     stderr.print(f"re-queued {requeued.failed} failed and {requeued.unknown} unknown recipients")
     if run:
-        run_and_watch(settings, _parse_job_id(job_id))
+        run_and_watch(settings, parse_job_id(job_id))
