@@ -82,13 +82,19 @@ class Bench:
             timeout=30,
         ).raise_for_status()
 
-    def finished(self, job_id: uuid.UUID) -> SendJob:
-        """The job once it has ended (polled from the database)."""
+    def sent_all(self, job_id: uuid.UUID) -> SendJob:
+        """The job once it has ended (polled from the database); ``RuntimeError`` unless it
+        completed with every recipient sent, as it must on the benchmarks' faultless sandbox."""
         deadline = time.monotonic() + WAIT_SECONDS
         while time.monotonic() < deadline:
             with db.session_scope(self.engine) as session:
                 job = repo.get_job(session, job_id=job_id)
             if job.status not in (JobStatus.PENDING, JobStatus.RUNNING):
+                if job.status != JobStatus.COMPLETED or job.sent != job.total:
+                    raise RuntimeError(
+                        f"job {job_id} ended {job.status} with {job.sent} of {job.total} sent: "
+                        f"{job.last_error}"
+                    )
                 return job
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} did not end within {WAIT_SECONDS:.0f} s")
