@@ -107,15 +107,17 @@ async def send_tests(
 ) -> list[JobTestSend]:
     """Send the job's message to ``psids`` (validated, at most ``MAX_TEST_PSIDS``), one at a
     time, and return the recorded test sends; ``JobStateConflict`` unless the job is pending or
-    paused."""
+    paused. ``token_for(page_id)`` is asked once, before anything is written (it may raise
+    ``MissingPageToken``)."""
     job, sends = await asyncio.to_thread(_rendered, engine, job_id, validate_test_psids(psids))
+    token = token_for(job.page_id)
     pacer = Pacer(
         engine,
         page_id=job.page_id,
         rate=job.rate_per_second,
         give_up_after=settings.db_retry_seconds,
     )
-    async with client_factory(settings, token_for)(1) as client:
+    async with client_factory(settings, lambda _page_id: token)(1) as client:
         for send in sends:
             if text_length(send.text) > MAX_TEXT_LENGTH:  # as the job would: no call
                 send.status, send.error_key = TestSendStatus.FAILED, TEXT_TOO_LONG

@@ -7,13 +7,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pagecast import db, repo
+from pagecast import db
 from pagecast.cli.common import JsonOption, load_settings, parse_job_id, print_json, stdout
 from pagecast.errors import MissingPageToken
 from pagecast.models import MessagingType, TestSendStatus
 from pagecast.preview import Preview
 from pagecast.settings import page_token_from_env
-from pagecast.testsend import send_tests, validate_test_psids
+from pagecast.testsend import send_tests
 
 
 def _duration(seconds: float) -> str:
@@ -51,6 +51,13 @@ def print_preview(preview: Preview) -> None:
         stdout.print(f"  {sample['psid']}: {sample['text']}", markup=False, highlight=False)
 
 
+def _token_from_env(page_id: str) -> str:
+    token = page_token_from_env(page_id)
+    if token is None:
+        raise MissingPageToken(page_id)
+    return token
+
+
 def job_test(
     job_id: Annotated[str, typer.Argument(help="The job's id (pending or paused).")],
     psid: Annotated[
@@ -60,16 +67,15 @@ def job_test(
 ) -> None:
     """Send the job's message, rendered for each test PSID, to those PSIDs only: not counted in
     the job. Exit code 0 when every test message was sent, 1 otherwise."""
-    psids, job_uuid = validate_test_psids(psid), parse_job_id(job_id)
     settings = load_settings()
-    engine = db.ready_engine(settings)
-    with db.session_scope(engine) as session:
-        page_id = repo.get_job(session, job_id=job_uuid).page_id
-    token = page_token_from_env(page_id)
-    if token is None:
-        raise MissingPageToken(page_id)
     sends = asyncio.run(
-        send_tests(engine, settings, job_id=job_uuid, psids=psids, token_for=lambda _: token)
+        send_tests(
+            db.ready_engine(settings),
+            settings,
+            job_id=parse_job_id(job_id),
+            psids=psid,
+            token_for=_token_from_env,
+        )
     )
     if as_json:
         print_json([send.model_dump(mode="json", exclude={"job_id"}) for send in sends])
