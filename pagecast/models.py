@@ -1,4 +1,5 @@
-"""Tables: a send job, one row per recipient of a job, its test sends, and a page's contacts."""
+"""Tables: a send job, one row per recipient of a job, its test sends, a page's contacts, and the
+Messenger webhook events received for them."""
 
 import uuid
 from datetime import datetime
@@ -132,6 +133,8 @@ class SendJob(SQLModel, table=True):
     failed: int = _counter()
     skipped: int = _counter()
     unknown: int = _counter()
+    delivered: int = _counter()
+    read: int = _counter()
     duplicates_removed: int = _counter()
     concurrency: int = Field(sa_column=sa.Column(sa.Integer, nullable=False))
     rate_per_second: float = Field(sa_column=sa.Column(sa.Float, nullable=False))
@@ -203,6 +206,13 @@ class SendJobRecipient(SQLModel, table=True):
     retryable: bool = Field(
         default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
     )
+    attempted_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    delivered_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    read_at: datetime | None = Field(default=None, sa_column=sa.Column(sa.DateTime(timezone=True)))
     updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
 
 
@@ -312,3 +322,43 @@ class Contact(SQLModel, table=True):
     )
     created_at: datetime = Field(sa_column=_now_column())
     updated_at: datetime = Field(sa_column=_now_column(onupdate=True))
+
+
+class WebhookEventKind(StrEnum):
+    DELIVERY = "delivery"
+    READ = "read"
+    MESSAGE = "message"
+    POSTBACK = "postback"
+
+
+class WebhookEvent(SQLModel, table=True):
+    """One Messenger webhook event as received, stored once (``dedupe_key``: Meta redelivers) and
+        applied to recipients and contacts later (``applied_at``; not before ``apply_after`` when its
+    recipient was still in flight). The user's words are not kept."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        _in_check("kind", WebhookEventKind),
+        sa.Index(
+            "ix_webhook_events_unapplied", "id", postgresql_where=sa.text("applied_at IS NULL")
+        ),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=sa.Column(sa.BigInteger, sa.Identity(), primary_key=True)
+    )
+    dedupe_key: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    page_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    psid: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    kind: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    occurred_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+    opt_out: bool = Field(
+        default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    received_at: datetime = Field(sa_column=_now_column())
+    apply_after: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    applied_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )

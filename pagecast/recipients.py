@@ -13,13 +13,15 @@ count them, is one of the named statements below.
        ├──────────── stop: called, not delivered (a job-fatal error) ──┘
        └──requeue── failed (retryable) | unknown (asked for)
     pending ──cancel──▶ skipped
+    pending ──opt-out──▶ skipped, unknown ──receipt──▶ sent   (Messenger's webhooks: ``pagecast.receipts``)
 
 A runner *claims* a chunk's rows (they are its own, but no request has gone out), *marks* a few at a
 time ``sending`` just before their requests leave, and records each answer soon after it arrives
 (``flush`` does both in one statement). So after a crash only rows marked and not yet recorded can
 be ``unknown``: ``release`` turns them ``unknown`` and returns claimed rows to ``pending``.
 
-The job's ``sent``/``failed``/``skipped``/``unknown`` counters change only here, in the statement
+The job's ``sent``/``failed``/``skipped``/``unknown`` counters change only here and in
+``pagecast.receipts``, in the statement
 that moves the rows (``_counting``), so they always equal the rows' statuses.
 """
 
@@ -109,7 +111,8 @@ def _flush_sql(lease: Lease) -> sa.TextClause:
             WHERE r.job_id = job.id AND r.psid = v.psid AND r.status IN ('claimed', 'sending')
             RETURNING NULL::text AS old, v.status AS new
         ), marked AS (
-            UPDATE send_job_recipients r SET status = 'sending', attempts = r.attempts + 1
+            UPDATE send_job_recipients r SET status = 'sending', attempts = r.attempts + 1,
+                attempted_at = now()
             FROM job
             WHERE r.job_id = job.id AND job.status = 'running' AND NOT job.cancel_requested
               AND r.psid = ANY(CAST(:marks AS text[])) AND r.status = 'claimed'

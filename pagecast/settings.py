@@ -79,8 +79,21 @@ class Settings(BaseSettings):
         ge=5,
         description="How often the scheduled sweep deployment runs (set by make deploy).",
     )
+    webhook_verify_token: SecretStr | None = Field(
+        default=None, description="The token Meta's webhook verification request must carry."
+    )
+    webhook_max_body_bytes: int = Field(
+        default=1_000_000, ge=1_000, description="Largest webhook body accepted (413 above)."
+    )
+    opt_out_keywords: str = Field(
+        default="STOP,UNSUBSCRIBE",
+        description="Comma-separated messages (any case) that opt a contact out of broadcasts.",
+    )
     notify_url: str | None = Field(default=None, description="Webhook for job summaries.")
-    app_secret: SecretStr | None = Field(default=None, description="Adds appsecret_proof to calls.")
+    app_secret: SecretStr | None = Field(
+        default=None,
+        description="The Meta app's secret: appsecret_proof on calls, webhook signatures.",
+    )
 
     @field_validator("database_url")
     @classmethod

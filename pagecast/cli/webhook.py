@@ -1,0 +1,30 @@
+"""``pagecast webhook``: the Messenger webhook receiver."""
+
+from typing import Annotated
+
+import typer
+
+from pagecast import db
+from pagecast.cli.common import handles_errors, load_settings, stderr
+
+webhook_app = typer.Typer(
+    help="Messenger webhooks: receipts, replies, opt-outs.", no_args_is_help=True
+)
+
+
+@webhook_app.command("serve")
+@handles_errors
+def webhook_serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (behind a TLS reverse proxy in production).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
+) -> None:
+    """Receive Meta's webhook events at /webhook: delivery and read receipts, messages, opt-outs."""
+    from pagecast.webhook_app import create_app, serve
+
+    settings = load_settings()
+    app = create_app(settings, db.get_engine(settings))  # the secrets first, then the database
+    db.ready_engine(settings)
+    stderr.print(f"webhook receiver on http://{host}:{port}/webhook (stats: /webhook/stats)")
+    serve(app, host=host, port=port)
