@@ -55,6 +55,11 @@ def waiting_for(session: Session, job: SendJob, *, lease_seconds: int) -> str | 
     return job.waiting_for
 
 
+def receipt_share(count: int, job: SendJob) -> str:
+    """``count`` (delivered or read, from Messenger's receipts) as a share of the messages sent."""
+    return f"{count / job.sent:.0%} of sent (webhook receipts)" if job.sent else ""
+
+
 def job_summary_rows(job: SendJob, errors: list[ErrorCount]) -> list[dict[str, Any]]:
     """Counts, error codes with their counts and Meta's messages, and durations."""
     rows: list[dict[str, Any]] = [
@@ -68,6 +73,8 @@ def job_summary_rows(job: SendJob, errors: list[ErrorCount]) -> list[dict[str, A
             "value": job.unknown,
             "detail": "in flight when a runner died; not resent",
         },
+        {"item": "delivered", "value": job.delivered, "detail": receipt_share(job.delivered, job)},
+        {"item": "read", "value": job.read, "detail": receipt_share(job.read, job)},
     ]
     for error in errors:
         rows.append(

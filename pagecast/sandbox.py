@@ -7,7 +7,8 @@ validation and error bodies, and injects faults on demand: latency and jitter, a
 ambiguous faults (the message is delivered, then the connection drops), and a reported
 ``X-Page-Usage`` percentage. Named faults (``FAULTS``) play what can go wrong between pagecast
 and Meta: per PSID through ``fail_psids``, for the next ``outage_calls`` calls, or for every
-call until ``outage_until`` (a storm).
+call until ``outage_until`` (a storm). Given a webhook URL and secret, it posts signed delivery
+and read receipts for a share of its deliveries (``pagecast.sandbox_receipts``).
 Every delivery is appended to a JSONL ledger; ``GET /__stats`` reports counters (the URLs called
 included), ``POST /__config`` changes the faults and ``POST /__reset`` clears the counters.
 """
@@ -29,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
+from pagecast.sandbox_receipts import ReceiptPoster, ReceiptSettings
 from pagecast.validation import text_length
 
 _LEDGER_FLUSH_SECONDS = 0.2
@@ -69,6 +71,25 @@ class SandboxConfig:
     valid_tokens: list[str] = field(default_factory=list)
     ledger_path: Path | None = None
     seed: int | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    delivery_receipt_rate: float = 1.0
+    read_receipt_rate: float = 0.5
+    receipt_duplicate_rate: float = 0.05
+    receipt_delay_ms: float = 500.0
+
+    def receipt_settings(self) -> ReceiptSettings | None:
+        """Where and how the sandbox posts receipts; ``None`` without a webhook URL and secret."""
+        if not (self.webhook_url and self.webhook_secret):
+            return None
+        return ReceiptSettings(
+            url=self.webhook_url,
+            secret=self.webhook_secret,
+            delivery_rate=self.delivery_receipt_rate,
+            read_rate=self.read_receipt_rate,
+            duplicate_rate=self.receipt_duplicate_rate,
+            delay_ms=self.receipt_delay_ms,
+        )
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply ``changes`` (field name → value); unknown names raise ``KeyError``, an unknown
@@ -124,6 +145,8 @@ class Sandbox:
         self._rng = random.Random(config.seed)
         self._ledger: Any = None
         self._flusher: asyncio.Task[None] | None = None
+        self.receipts = ReceiptPoster(random.Random(config.seed))
+        self._poster: asyncio.Task[None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -157,15 +180,17 @@ class Sandbox:
         return app
 
     async def _open_ledger(self, app: web.Application) -> None:
+        self._poster = asyncio.create_task(self.receipts.run(self.config.receipt_settings))
         if self.config.ledger_path is not None:
             self._ledger = self.config.ledger_path.open("a", encoding="utf-8")
             self._flusher = asyncio.create_task(self._flush_periodically())
 
     async def _close_ledger(self, app: web.Application) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in (self._flusher, self._poster):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
@@ -188,6 +213,7 @@ class Sandbox:
             "faults": dict(self.faults),
             "first_fault_at": self.first_fault_at.copy(),
             "token_via": dict(self.token_via),
+            "receipts": dict(self.receipts.counts) | {"waiting": self.receipts.waiting},
             "urls": dict(self.urls),
             "pages": {
                 page: {"delivered": w.delivered, "max_per_second": w.max_per_second}
@@ -385,6 +411,9 @@ class Sandbox:
         if key in self.delivered_once:
             self.duplicates += 1
         self.delivered_once.add(key)
+        receipts = self.config.receipt_settings()
+        if receipts is not None:
+            self.receipts.delivered(receipts, page_id, psid, time.time())
         revoke_after = self.config.revoke_after
         if (
             revoke_after is not None

@@ -84,7 +84,6 @@ def receiver(database_url, engine):
         database_url=database_url,
         app_secret=SECRET,
         webhook_verify_token=VERIFY,
-        webhook_max_body_bytes=4_000,
     )
     with running_receiver(settings, engine) as (url, applier):
         yield url, applier
@@ -138,9 +137,11 @@ def test_a_body_without_a_valid_signature_gets_403_and_stores_nothing(receiver, 
 
 def test_size_and_json_limits(receiver, engine):
     url, _ = receiver
-    big = payload(*[item(str(3000 + i), "message") for i in range(60)])
-    assert len(big) > 4_000
+    big = payload(*[item(str(3000 + i), "message") for i in range(10_000)])
+    assert len(big) > Settings().webhook_max_body_bytes
     assert post(url, big).status_code == 413
+    streamed = httpx.post(url, content=iter([big]))  # no Content-Length: counted as it arrives
+    assert streamed.status_code == 413
     assert post(url, b"{not json").status_code == 400
     assert stored_events(engine) == 0
 
@@ -323,3 +324,45 @@ def test_the_receiver_will_not_start_without_its_secrets(engine, database_url):
 
     with pytest.raises(ConfigurationError, match="PAGECAST_WEBHOOK_VERIFY_TOKEN"):
         create_app(Settings(database_url=database_url, app_secret=SECRET), engine)
+
+
+def wait_receipts_posted(state, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while state.receipts.waiting:
+        assert time.monotonic() < deadline, state.stats()["receipts"]
+        time.sleep(0.05)
+
+
+async def test_a_job_sent_through_the_sandbox_gets_its_receipts_once(
+    receiver, engine, database_url, sandbox
+):
+    url, _ = receiver
+    sandbox_url, state, _ = sandbox
+    state.config.update(
+        {
+            "webhook_url": url,
+            "webhook_secret": SECRET,
+            "read_receipt_rate": 0.5,
+            "receipt_duplicate_rate": 0.3,
+            "receipt_delay_ms": 300,
+        }
+    )
+    job = create_job(engine, 300)
+    await run_job(engine, make_settings(database_url, sandbox_url), job.id)
+    wait_receipts_posted(state)
+    wait_applied(engine)
+    with engine.connect() as connection:
+        read_psids = connection.execute(
+            sa.text("SELECT count(DISTINCT psid) FROM webhook_events WHERE kind = 'read'")
+        ).scalar_one()
+    ended = job_row(engine, job.id)
+    posted = state.stats()["receipts"]
+    assert posted["posted"] > stored_events(engine) == 300 + read_psids  # duplicates dropped
+    assert (ended.sent, ended.delivered, ended.read) == (300, 300, read_psids)
+    assert 0 < read_psids < 300
+    after = rows(engine, job.id).values()
+    assert sum(r.read_at is not None for r in after) == read_psids
+    assert all(
+        r.delivered_at is not None and r.delivered_at <= (r.read_at or r.delivered_at)
+        for r in after
+    )

@@ -1,5 +1,6 @@
 """Commands around the jobs: database schema, contacts, the sandbox, the demo."""
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ from pagecast import db, repo
 from pagecast.audience import read_contacts
 from pagecast.cli.common import JsonOption, handles_errors, load_settings, print_json, stderr
 from pagecast.cli.jobs import run_and_watch
+from pagecast.errors import ConfigurationError
 from pagecast.sandbox import SandboxConfig, serve
 from pagecast.validation import validate_page_id
 
@@ -92,6 +94,7 @@ def demo(
 
 
 @sandbox_app.command("serve")
+@handles_errors
 def sandbox_serve(
     host: Annotated[str, typer.Option(help="Loopback address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
@@ -133,6 +136,16 @@ def sandbox_serve(
     usage_percent: Annotated[
         float | None, typer.Option(help="Report this page usage % in X-Page-Usage headers.")
     ] = None,
+    webhook_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Post delivery and read receipts here, signed with PAGECAST_APP_SECRET "
+            "(e.g. http://127.0.0.1:8080/webhook)."
+        ),
+    ] = None,
+    read_receipt_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of delivered messages also read.")
+    ] = 0.5,
 ) -> None:
     """Run the Messenger Send API sandbox in the foreground."""
     fail_psids = dict(entry.split("=", 1) for entry in fail_psid or [] if "=" in entry)
@@ -150,6 +163,11 @@ def sandbox_serve(
         ledger_path=ledger,
         seed=seed,
         usage_percent=usage_percent,
+        webhook_url=webhook_url,
+        webhook_secret=os.environ.get("PAGECAST_APP_SECRET"),
+        read_receipt_rate=read_receipt_rate,
     )
+    if webhook_url and not config.webhook_secret:
+        raise ConfigurationError("--webhook-url needs PAGECAST_APP_SECRET to sign the receipts")
     stderr.print(f"Send API sandbox on http://{host}:{port} (GET /__stats for counters)")
     serve(config, host=host, port=port)

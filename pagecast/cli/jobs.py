@@ -24,7 +24,7 @@ from pagecast.cli.previews import job_test, print_preview
 from pagecast.errors import ConfigurationError, InvalidInput
 from pagecast.models import JobStatus, MessagingType, SendJob
 from pagecast.preview import preview_job
-from pagecast.reports import waiting_for
+from pagecast.reports import receipt_share, waiting_for
 from pagecast.settings import Settings
 from pagecast.validation import (
     text_length,
@@ -185,6 +185,8 @@ def job_status(
         ("failed", job.failed),
         ("skipped", job.skipped),
         ("unknown", job.unknown),
+        ("delivered", f"{job.delivered} {receipt_share(job.delivered, job)}".strip()),
+        ("read", f"{job.read} {receipt_share(job.read, job)}".strip()),
         ("pending", progress.pending),
         ("rate / concurrency", f"{job.rate_per_second:g}/s, {job.concurrency}"),
         ("created", job.created_at),
