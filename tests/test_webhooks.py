@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import select
 
+from benchmarks.webhook_load import load_while_sending, lost_or_twice, wait_settled
 from pagecast import db, webhooks
 from pagecast.models import SendJobRecipient
 from pagecast.settings import Settings
@@ -366,3 +367,36 @@ async def test_a_job_sent_through_the_sandbox_gets_its_receipts_once(
         r.delivered_at is not None and r.delivered_at <= (r.read_at or r.delivered_at)
         for r in after
     )
+
+
+async def test_a_flood_of_events_while_a_job_sends_loses_none_and_applies_none_twice(
+    receiver, engine, database_url, sandbox
+):
+    """1,000 events/s (a share posted twice) for 10 s while a job sends through the sandbox, which
+    posts that job's receipts to the same receiver (`make bench` runs it for 30 s and times it)."""
+    url, _ = receiver
+    sandbox_url, state, _ = sandbox
+    state.config.update({"webhook_url": url, "webhook_secret": SECRET, "latency_ms": 20})
+    settings = make_settings(database_url, sandbox_url)
+    flooded = await load_while_sending(
+        engine,
+        settings,
+        receiver_url=url,
+        secret=SECRET,
+        seconds=10,
+        per_second=1000,
+        recipients=2000,
+    )
+    wait_settled(engine, lambda: state.receipts.waiting, timeout=60)
+    assert set(flooded.statuses) == {200}
+    assert flooded.replays > 0
+    assert lost_or_twice(engine, flooded) == []
+    (job_id,) = (row.id for row in _jobs(engine))
+    ended = job_row(engine, job_id)
+    assert (ended.sent, ended.delivered) == (2000, 2000)
+    assert_counters_match_rows(engine, job_id)
+
+
+def _jobs(engine):
+    with engine.connect() as connection:
+        return connection.execute(sa.text("SELECT id FROM send_jobs")).all()
