@@ -1,23 +1,30 @@
-"""``pagecast demo``: a broadcast to a few thousand generated contacts through the local sandbox."""
+"""``pagecast demo``: a broadcast to a few thousand generated contacts through the local sandbox,
+with delivery and read receipts coming back through the webhook receiver."""
 
 import csv
 import os
 import random
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
+from pydantic import SecretStr
 
-from pagecast import db, repo
+from pagecast import db, repo, webhooks
 from pagecast.audience import read_contacts
 from pagecast.models import SendJob
 from pagecast.sandbox import Sandbox, SandboxConfig, running_sandbox
+from pagecast.settings import Settings
 from pagecast.validation import validate_message
+from pagecast.webhook_app import running_receiver
 
 DEMO_PAGE_ID = "100000000000001"
 DEMO_TOKEN = "demo-page-token"
+_RECEIPTS_WAIT_SECONDS = 10.0
 DEMO_TEXT = "Hi {first_name}! Our spring sale starts today: 20% off everything until Sunday."
 _FIRST = (
     "Ana",
@@ -71,6 +78,40 @@ def write_contacts(path: Path, count: int, *, seed: int = 7) -> None:
                     (now - timedelta(hours=hours_ago)).isoformat(timespec="seconds"),
                 ]
             )
+
+
+@contextmanager
+def demo_receipts(settings: Settings, engine: sa.Engine, sandbox: Sandbox) -> Iterator[None]:
+    """The webhook receiver in this process, with the sandbox posting it receipts: most messages
+    delivered, about half read, some receipts twice, late and out of order."""
+    secret = "demo-app-secret"
+    receiver_settings = settings.model_copy(
+        update={"app_secret": SecretStr(secret), "webhook_verify_token": SecretStr("demo")}
+    )
+    with running_receiver(receiver_settings, engine) as (url, _):
+        sandbox.config.update(
+            {
+                "webhook_url": url,
+                "webhook_secret": secret,
+                "delivery_receipt_rate": 0.97,
+                "read_receipt_rate": 0.55,
+                "receipt_delay_ms": 1500,
+            }
+        )
+        yield
+
+
+def settle_receipts(engine: sa.Engine, sandbox: Sandbox, job_id: uuid.UUID) -> SendJob:
+    """The job once the sandbox has posted its receipts and the receiver applied them (or after
+    ``_RECEIPTS_WAIT_SECONDS``)."""
+    deadline = time.monotonic() + _RECEIPTS_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        with db.session_scope(engine) as session:
+            if not sandbox.receipts.waiting and not webhooks.unapplied_count(session):
+                break
+        time.sleep(0.2)
+    with db.session_scope(engine) as session:
+        return repo.get_job(session, job_id=job_id)
 
 
 @contextmanager

@@ -57,7 +57,7 @@ def waiting_for(session: Session, job: SendJob, *, lease_seconds: int) -> str | 
 
 def receipt_share(count: int, job: SendJob) -> str:
     """``count`` (delivered or read, from Messenger's receipts) as a share of the messages sent."""
-    return f"{count / job.sent:.0%} of sent (webhook receipts)" if job.sent else ""
+    return f"{count / job.sent:.0%} of sent" if job.sent else ""
 
 
 def job_summary_rows(job: SendJob, errors: list[ErrorCount]) -> list[dict[str, Any]]:

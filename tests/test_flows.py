@@ -1,6 +1,7 @@
 """The Prefect shell, run against one ``prefect_test_harness`` for the whole session."""
 
 import json
+import re
 import uuid
 
 import pytest
@@ -122,6 +123,10 @@ def test_cli_demo(sandbox, monkeypatch, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "sent" in result.stdout and "duration" in result.stdout
     assert "0 duplicates" in result.stderr
+    receipts = re.search(r"webhook receipts: (\d+) delivered .*, (\d+) read", result.stderr)
+    assert receipts, result.stderr
+    delivered, read = map(int, receipts.groups())
+    assert 0 < read < delivered  # the sandbox reports most deliveries and about half read
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from pagecast.audience import read_contacts
 from pagecast.cli.common import JsonOption, handles_errors, load_settings, print_json, stderr
 from pagecast.cli.jobs import run_and_watch
 from pagecast.errors import ConfigurationError
+from pagecast.reports import receipt_share
 from pagecast.sandbox import SandboxConfig, serve
 from pagecast.validation import validate_page_id
 
@@ -76,7 +77,10 @@ def demo(
     settings = load_settings()
     home = settings.home.expanduser().resolve()
     engine = db.ready_engine(settings)
-    with demo_kit.demo_sandbox(home) as (url, sandbox):
+    with (
+        demo_kit.demo_sandbox(home) as (url, sandbox),
+        demo_kit.demo_receipts(settings, engine, sandbox),
+    ):
         demo_kit.point_at_sandbox(url)
         job = demo_kit.create_demo_job(engine, home, contacts=contacts)
         stderr.print(
@@ -90,6 +94,12 @@ def demo(
             stderr.print(
                 f"sandbox ledger: {stats['delivered']} delivered, {stats['duplicates']} duplicates, "
                 f"faults injected: {stats['errors']}"
+            )
+            ended = demo_kit.settle_receipts(engine, sandbox, job.id)
+            stderr.print(
+                f"webhook receipts: {ended.delivered} delivered "
+                f"({receipt_share(ended.delivered, ended)}), "
+                f"{ended.read} read ({receipt_share(ended.read, ended)})"
             )
 
 
