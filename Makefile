@@ -41,3 +41,4 @@ bench: install
 	$(UV) run --frozen python -m benchmarks.through_prefect
 	$(UV) run --frozen python -m benchmarks.many_pages
 	$(UV) run --frozen python -m benchmarks.send_scale
+	$(UV) run --frozen python -m benchmarks.webhook_load

@@ -229,7 +229,7 @@ def _line(name: str, result: Flood) -> str:
 async def _main(seconds: float, per_second: int) -> None:
     secret = "bench-app-secret"
     with tempfile.TemporaryDirectory() as home:
-        settings = Settings(home=Path(home))
+        settings = Settings(home=Path(home), database_url=None)  # its own embedded server
         engine = db.ready_engine(settings)
         url = db.database_url(settings)
         env = os.environ | {

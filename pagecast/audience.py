@@ -43,7 +43,7 @@ class ContactRow:
     first_name: str | None = None
     last_name: str | None = None
     tags: tuple[str, ...] = ()
-    opted_out: bool = False
+    opted_out: bool | None = None  # None: not given, the contact keeps what it had (else False)
     last_interaction_at: datetime | None = None
 
 
@@ -227,8 +227,9 @@ def _contact(number: int, row: dict[str, str], problems: list[LineProblem]) -> C
     if (reason := psid_problem(psid)) is not None:
         problems.append(LineProblem(number, reason))
         return None
-    opted_out = _parse_bool(row.get("opted_out", ""))
-    if opted_out is None:
+    cell = row.get("opted_out", "").strip()
+    opted_out = _parse_bool(cell) if cell else None
+    if cell and opted_out is None:
         problems.append(LineProblem(number, f"opted_out {row['opted_out']!r} is not true/false"))
         return None
     last = row.get("last_interaction_at", "")

@@ -70,6 +70,7 @@ _IN_FLIGHT_RECEIPTS = sa.text(
                                     CAST(:seen AS timestamptz[])) WITH ORDINALITY
                          AS e(page_id, psid, seen, i)
     JOIN send_jobs j ON j.page_id = e.page_id AND j.started_at <= e.seen
+        AND j.started_at > e.seen - interval '28 days'
     JOIN send_job_recipients r ON r.job_id = j.id AND r.psid = e.psid
     WHERE r.status IN ('claimed', 'sending') AND r.attempted_at <= e.seen
     """

@@ -340,12 +340,20 @@ def import_contacts(session: Session, *, page_id: str, contacts: list[ContactRow
                     c.last_interaction_at,
                 )
             )
+    session.execute(  # an opt-out (a STOP through the webhook) stands unless the file says
+        sa.text(
+            "UPDATE _contacts_in i SET opted_out = c.opted_out FROM contacts c "
+            "WHERE i.opted_out IS NULL AND c.page_id = :page_id AND c.psid = i.psid"
+        ),
+        {"page_id": page_id},
+    )
     rows = (
         session.execute(
             sa.text(
                 "INSERT INTO contacts (page_id, psid, first_name, last_name, tags, opted_out, "
                 "last_interaction_at) "
-                "SELECT :page_id, psid, first_name, last_name, tags, opted_out, last_interaction_at "
+                "SELECT :page_id, psid, first_name, last_name, tags, COALESCE(opted_out, false), "
+                "last_interaction_at "
                 "FROM _contacts_in "
                 "ON CONFLICT (page_id, psid) DO UPDATE SET first_name = EXCLUDED.first_name, "
                 "last_name = EXCLUDED.last_name, tags = EXCLUDED.tags, opted_out = EXCLUDED.opted_out, "

@@ -24,6 +24,9 @@ from pagecast.receipts import Receipt, apply_receipts, receipts_in_flight, skip_
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 _RETRY_IN_FLIGHT = "1 second"
+# A receipt waits for its recipient's answer at most this long after it arrived (seconds): a row
+# its dead runner left in flight is settled by the next run or the sweep, which may never come.
+_IN_FLIGHT_WAIT_LIMIT = 600
 _RECEIPT_KINDS = {"delivery": WebhookEventKind.DELIVERY, "read": WebhookEventKind.READ}
 
 
@@ -104,6 +107,11 @@ def _event(page_id: str, item: dict[str, Any], keywords: frozenset[str]) -> Even
     return Event(key, page_id, sender, kind, occurred_at, opt_out)
 
 
+def _list(value: Any) -> list[Any]:
+    """``value`` when it is a list, else empty (a missing or malformed part of a body)."""
+    return value if isinstance(value, list) else []
+
+
 def parse(payload: Any, *, keywords: frozenset[str]) -> Parsed:
     """The events of a decoded webhook body. Items of other kinds, other objects (not ``page``)
     and malformed items are counted in ``ignored``, never an error: Meta would only resend them."""
@@ -111,13 +119,13 @@ def parse(payload: Any, *, keywords: frozenset[str]) -> Parsed:
     if not isinstance(payload, dict) or payload.get("object") != "page":
         parsed.ignored["object"] += 1
         return parsed
-    for entry in payload.get("entry") or []:
+    for entry in _list(payload.get("entry")):
         page_id = entry.get("id") if isinstance(entry, dict) else None
         if not isinstance(page_id, str) or not page_id.isdigit():
             parsed.ignored["malformed"] += 1
             continue
-        parsed.ignored["standby"] += len(entry.get("standby") or [])
-        for item in entry.get("messaging") or []:
+        parsed.ignored["standby"] += len(_list(entry.get("standby")))
+        for item in _list(entry.get("messaging")):
             event = _event(page_id, item, keywords) if isinstance(item, dict) else "malformed"
             if isinstance(event, Event):
                 parsed.events.append(event)
@@ -159,7 +167,9 @@ def store(session: Session, events: list[Event]) -> int:
 
 _NEXT = sa.text(
     """
-    SELECT id, page_id, psid, kind, occurred_at, opt_out FROM webhook_events
+    SELECT id, page_id, psid, kind, occurred_at, opt_out,
+           received_at > now() - make_interval(secs => :wait_limit) AS may_wait
+    FROM webhook_events
     WHERE applied_at IS NULL AND (apply_after IS NULL OR apply_after <= now())
     ORDER BY id LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -210,8 +220,9 @@ def _interactions(session: Session, rows: list[Any]) -> int:
 
 def apply_stored(session: Session, *, limit: int = 2000) -> Applied:
     """Apply up to ``limit`` stored events, oldest first. A receipt whose recipient is still in
-    flight waits a second (its answer is about to be recorded); the others are marked applied."""
-    rows = session.execute(_NEXT, {"limit": limit}).all()
+    flight waits a second (its answer is about to be recorded), for at most ten minutes; the
+    others are marked applied."""
+    rows = session.execute(_NEXT, {"limit": limit, "wait_limit": _IN_FLIGHT_WAIT_LIMIT}).all()
     if not rows:
         return Applied()
     receipt_rows = [r for r in rows if r.kind in _RECEIPT_KINDS.values()]
@@ -224,7 +235,9 @@ def apply_stored(session: Session, *, limit: int = 2000) -> Applied:
         )
         for r in receipt_rows
     ]
-    waiting = receipts_in_flight(session, receipts) if receipts else set()
+    may_wait = [i for i, r in enumerate(receipt_rows) if r.may_wait]
+    in_flight = receipts_in_flight(session, [receipts[i] for i in may_wait]) if may_wait else set()
+    waiting = {may_wait[i] for i in in_flight}
     deferred = [receipt_rows[i].id for i in waiting]
     ready = [receipt for i, receipt in enumerate(receipts) if i not in waiting]
     applied = apply_receipts(session, ready) if ready else None

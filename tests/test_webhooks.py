@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from sqlmodel import select
 
 from benchmarks.webhook_load import load_while_sending, lost_or_twice, wait_settled
-from pagecast import db, webhooks
+from pagecast import db, repo, webhooks
+from pagecast.audience import read_contacts
 from pagecast.models import SendJobRecipient
 from pagecast.settings import Settings
 from pagecast.webhook_app import running_receiver
@@ -160,6 +161,8 @@ def test_unknown_kinds_are_ignored_and_counted(receiver, engine):
     assert answer.json() == {"events": 0, "stored": 0}
     other_object = json.dumps({"object": "instagram", "entry": []}).encode()
     assert post(url, other_object).status_code == 200
+    for odd in ({"entry": 5}, {"entry": [{"id": PAGE, "messaging": 5, "standby": "x"}]}):
+        assert post(url, json.dumps({"object": "page"} | odd).encode()).status_code == 200
     received = httpx.get(f"{url}/stats").json()["received"]
     assert received["reaction"] == received["optin"] == received["malformed"] == 1
     assert received["echo"] == received["object"] == 1
@@ -278,6 +281,32 @@ def test_a_receipt_for_a_recipient_in_flight_waits_for_its_answer(engine):
     assert job_row(engine, job.id).delivered == 1
 
 
+def test_a_receipt_waits_for_a_row_in_flight_ten_minutes_at_most(engine):
+    """A row its dead runner left sending may stay so until a sweep: the receipt gives up waiting."""
+    job = create_job(engine, 1)
+    (psid,) = rows(engine, job.id)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE send_jobs SET status = 'running', started_at = now() WHERE id = :id"),
+            {"id": job.id},
+        )
+        connection.execute(
+            sa.text(
+                "UPDATE send_job_recipients SET status = 'sending', attempted_at = now() "
+                "WHERE job_id = :id"
+            ),
+            {"id": job.id},
+        )
+    event = webhooks.parse(json.loads(payload(item(psid, "delivery"))), keywords=frozenset())
+    with db.session_scope(engine) as session:
+        webhooks.store(session, event.events)
+        session.execute(
+            sa.text("UPDATE webhook_events SET received_at = now() - interval '11 min'")
+        )
+        applied = webhooks.apply_stored(session)
+    assert (applied.events, applied.deferred, applied.delivered) == (1, 0, 0)
+
+
 def test_messages_open_the_window_and_stop_opts_out_of_jobs_not_yet_over(receiver, engine):
     url, _ = receiver
     pending = create_job(engine, 3)
@@ -306,6 +335,31 @@ def test_messages_open_the_window_and_stop_opts_out_of_jobs_not_yet_over(receive
 
     later = create_job(engine, 3)  # the same PSIDs: the opted-out one is left out
     assert job_row(engine, later.id).total == 2
+
+
+def _import(engine, path, text: str) -> None:
+    path.write_text(text)
+    with db.session_scope(engine) as session:
+        repo.import_contacts(session, page_id=PAGE, contacts=read_contacts(path))
+
+
+def _opted_out(engine, psid: str) -> bool:
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.text("SELECT opted_out FROM contacts WHERE psid = :psid"), {"psid": psid}
+        ).scalar_one()
+
+
+def test_a_stop_outlives_a_contacts_import_that_does_not_say_otherwise(receiver, engine, tmp_path):
+    url, _ = receiver
+    post(url, payload(item("6161", "message", text="UNSUBSCRIBE")))
+    wait_applied(engine)
+    contacts = tmp_path / "contacts.csv"
+    _import(engine, contacts, "psid,first_name,tags\n6161,Ana,vip\n6262,Bo,vip\n")
+    assert _opted_out(engine, "6161") is True
+    assert _opted_out(engine, "6262") is False
+    _import(engine, contacts, "psid,opted_out\n6161,no\n")  # said explicitly: opted back in
+    assert _opted_out(engine, "6161") is False
 
 
 def test_a_message_timestamp_in_the_future_opens_the_window_only_until_now(receiver, engine):
