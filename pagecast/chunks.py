@@ -11,6 +11,7 @@ crash can leave ``unknown`` (see docs/reliability.md).
 """
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -20,13 +21,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from pagecast import lifecycle, recipients
+from pagecast import attachments, lifecycle, recipients
+from pagecast.content import Content
 from pagecast.db import retrying
 from pagecast.errors import (
     AmbiguousDelivery,
@@ -39,13 +40,13 @@ from pagecast.errors import (
 from pagecast.faults import crash_point
 from pagecast.graph import OUTSIDE_WINDOW, GraphClient
 from pagecast.leases import Lease
-from pagecast.models import MAX_TEXT_LENGTH, JobStatus, MessagingType, RecipientStatus, SendJob
+from pagecast.models import JobStatus, MessagingType, RecipientStatus, SendJob
 from pagecast.outages import OutageWatch
 from pagecast.ratelimit import Pacer
 from pagecast.recipients import Claimed, Outcome
 from pagecast.recorder import FLUSH_SECONDS, Recorder, shared_recorder
 from pagecast.repo import get_job
-from pagecast.validation import render_text, text_length
+from pagecast.validation import render_text, text_length, text_limit
 
 TRANSIENT_TRIES = 6
 UNEXPECTED_ERROR_TRIES = 4  # code 2 also means "the user blocked the page": only a few tries
@@ -167,8 +168,10 @@ class ChunkSender:
         concurrency: int,
         mark_ahead: int,
         outage_pause_after: float = 300.0,
+        attachment: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         self._job = job
+        self._attachment = attachment
         self._client = client
         self._pacer = pacer
         self._outage = outage
@@ -195,18 +198,34 @@ class ChunkSender:
             self.outage_error = self._outage.last_failure
         return self.outage_error is not None
 
+    async def _attachment_id(self, claimed: list[Claimed]) -> str | None:
+        """The job's uploaded attachment (``None`` without one). When the upload fails, every
+        claimed recipient goes back to ``pending``: a job-fatal answer stops the job, any other
+        failure is raised."""
+        if self._attachment is None:
+            return None
+        try:
+            return await self._attachment()
+        except BaseException as error:
+            for recipient in claimed:
+                self._settle(Outcome(recipient.psid, RecipientStatus.PENDING))
+            if not isinstance(error, JobFatalGraphError):
+                raise
+            self.fatal = error
+            return None
+
     def _settle(self, outcome: Outcome) -> None:
         self._recorder.record(outcome)
         if outcome.status != RecipientStatus.CLAIMED:
             self.outcomes.append(outcome)
 
-    async def _attempt(self, recipient: Claimed, text: str) -> Outcome | _Retry:
+    async def _attempt(self, recipient: Claimed, message: dict[str, Any]) -> Outcome | _Retry:
         job, psid = self._job, recipient.psid
         try:
-            result = await self._client.send_text(
+            result = await self._client.send_message(
                 page_id=job.page_id,
                 psid=psid,
-                text=text,
+                message=message,
                 messaging_type=job.messaging_type,
                 tag=job.tag,
             )
@@ -257,7 +276,7 @@ class ChunkSender:
                 "job %s: could not slow page %s down: %s", self._job.id, self._job.page_id, error
             )
 
-    async def _call(self, recipient: Claimed, text: str) -> Outcome | _Retry | None:
+    async def _call(self, recipient: Claimed, message: dict[str, Any]) -> Outcome | _Retry | None:
         """Mark, wait for the slot and a connection, call; ``None`` when the chunk stopped first
         (the row was not called)."""
         async with self._ahead:
@@ -272,14 +291,14 @@ class ChunkSender:
                 await self._pacer.wait_for_slot()  # waited for a connection: no burst
             if self._stopping():
                 return None
-            return await self._attempt(recipient, text)
+            return await self._attempt(recipient, message)
         finally:
             self._permits.release()
 
-    async def _deliver(self, recipient: Claimed, text: str) -> None:
+    async def _deliver(self, recipient: Claimed, message: dict[str, Any]) -> None:
         transient = unexpected = throttled = 0
         while True:
-            result = await self._call(recipient, text)
+            result = await self._call(recipient, message)
             if result is None:
                 return self._settle(Outcome(recipient.psid, RecipientStatus.PENDING))
             if isinstance(result, Outcome):
@@ -303,9 +322,9 @@ class ChunkSender:
             self._pacer.expect(1)
             await asyncio.sleep(wait)
 
-    async def _guarded(self, recipient: Claimed, text: str) -> None:
+    async def _guarded(self, recipient: Claimed, message: dict[str, Any]) -> None:
         try:
-            await self._deliver(recipient, text)
+            await self._deliver(recipient, message)
         except Exception as error:  # not a call's failure (those are Graph errors): not sent
             self.error = self.error or error
             self._settle(Outcome(recipient.psid, RecipientStatus.PENDING))
@@ -313,22 +332,29 @@ class ChunkSender:
     async def run(self, claimed: list[Claimed]) -> None:
         """Send to every claimed recipient that needs a call and hand every outcome to the
         recorder; re-raises the first unexpected error after every recipient is settled."""
-        windowed = self._job.messaging_type != MessagingType.MESSAGE_TAG
+        job = self._job
+        windowed = job.messaging_type != MessagingType.MESSAGE_TAG
+        content = Content.from_json(job.content)
+        limit = text_limit(content)
+        attachment_id = await self._attachment_id(claimed)
+        if self.fatal is not None:
+            return
         to_send = []
         for recipient in claimed:
-            text = render_text(
-                self._job.text, first_name=recipient.first_name, last_name=recipient.last_name
-            )
+            text = None
+            if job.text is not None:
+                names = {"first_name": recipient.first_name, "last_name": recipient.last_name}
+                text = render_text(job.text, **names)
             if windowed and recipient.outside_window:
                 self._settle(
                     Outcome(recipient.psid, RecipientStatus.SKIPPED, reason=OUTSIDE_WINDOW)
                 )
-            elif text_length(text) > MAX_TEXT_LENGTH:
+            elif text is not None and text_length(text) > limit:
                 self._settle(Outcome(recipient.psid, RecipientStatus.FAILED, reason=TEXT_TOO_LONG))
             else:
-                to_send.append((recipient, text))
+                to_send.append((recipient, content.message(text, attachment_id=attachment_id)))
         self._pacer.expect(len(to_send))
-        await asyncio.gather(*(self._guarded(r, text) for r, text in to_send))
+        await asyncio.gather(*(self._guarded(r, message) for r, message in to_send))
         if self.error is not None:
             raise self.error
 
@@ -362,7 +388,7 @@ def _outage(engine: sa.Engine, job: SendJob) -> OutageWatch:
     return _outages.setdefault((str(engine.url), job.page_id), OutageWatch())
 
 
-@lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def _job(engine: sa.Engine, lease: Lease) -> SendJob:
     """The job as its run sends it (a run never changes what it sends), read once per process."""
     with Session(engine, expire_on_commit=False) as session:
@@ -415,6 +441,7 @@ async def send_chunk(
                     concurrency=concurrency,
                     mark_ahead=mark_ahead,
                     outage_pause_after=outage_pause_after,
+                    attachment=_attachment(engine, job, client, give_up_after),
                 )
                 await sender.run(claimed)
         except BaseException:
@@ -434,6 +461,17 @@ async def send_chunk(
         )
         await asyncio.to_thread(_stop, engine, lease, JobStatus.PAUSED, reason)
     return ChunkResult.of(sender.outcomes, sender.fatal, stopped or sender.outage_error is not None)
+
+
+def _attachment(
+    engine: sa.Engine, job: SendJob, client: GraphClient, give_up_after: float
+) -> Callable[[], Awaitable[str]] | None:
+    """How the chunk gets the job's attachment id, when the job has an attachment."""
+    if not Content.from_json(job.content).attachment_url:
+        return None
+    return functools.partial(
+        attachments.attachment_id, engine, job, client, give_up_after=give_up_after
+    )
 
 
 def _stop(engine: sa.Engine, lease: Lease, status: JobStatus, reason: str) -> None:

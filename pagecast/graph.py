@@ -180,16 +180,61 @@ class GraphClient:
         self, *, page_id: str, psid: str, text: str, messaging_type: str, tag: str | None = None
     ) -> SendResult:
         """Send one text message; raises a ``GraphError`` subclass on failure."""
-        token = self._token_for(page_id)
-        if not (token.isascii() and token.isprintable()):  # no header can carry it: no call
-            raise JobFatalGraphError(f"the access token of page {page_id} is not printable ASCII")
+        return await self.send_message(
+            page_id=page_id,
+            psid=psid,
+            message={"text": text},
+            messaging_type=messaging_type,
+            tag=tag,
+        )
+
+    async def send_message(
+        self,
+        *,
+        page_id: str,
+        psid: str,
+        message: dict[str, Any],
+        messaging_type: str,
+        tag: str | None = None,
+    ) -> SendResult:
+        """Send one message (the Send API's ``message`` object: text, an attachment or a
+        template, with quick replies); raises a ``GraphError`` subclass on failure."""
         body: dict[str, Any] = {
             "recipient": {"id": psid},
             "messaging_type": messaging_type,
-            "message": {"text": text},
+            "message": message,
         }
         if tag:
             body["tag"] = tag
+        response, payload = await self._post(page_id, "messages", body)
+        if response.status_code == 200 and isinstance(payload, dict) and payload.get("message_id"):
+            return SendResult(str(payload["message_id"]), _usage_percent(response.headers))
+        if response.status_code == 200:  # accepted, but nothing proves a delivery
+            raise AmbiguousDelivery("HTTP 200 without a message_id", http_status=200)
+        raise classify(response.status_code, payload, retry_after=_retry_after(response.headers))
+
+    async def upload_attachment(self, *, page_id: str, kind: str, url: str) -> str:
+        """Upload the attachment at ``url`` once for the page (Attachment Upload API) and return
+        its reusable ``attachment_id``; raises a ``GraphError`` subclass on failure."""
+        attachment = {"type": kind, "payload": {"url": url, "is_reusable": True}}
+        response, payload = await self._post(
+            page_id, "message_attachments", {"message": {"attachment": attachment}}
+        )
+        if response.status_code == 200 and isinstance(payload, dict):
+            if payload.get("attachment_id"):
+                return str(payload["attachment_id"])
+            raise AmbiguousDelivery("HTTP 200 without an attachment_id", http_status=200)
+        raise classify(response.status_code, payload, retry_after=_retry_after(response.headers))
+
+    async def _post(
+        self, page_id: str, edge: str, body: dict[str, Any]
+    ) -> tuple[httpx.Response, Any]:
+        """POST ``body`` to the page's ``edge`` with its token; the answer and its JSON (``None``
+        when it is not JSON). A call that fails before it is written is transient; one that
+        fails after may have been carried out: ``AmbiguousDelivery``."""
+        token = self._token_for(page_id)
+        if not (token.isascii() and token.isprintable()):  # no header can carry it: no call
+            raise JobFatalGraphError(f"the access token of page {page_id} is not printable ASCII")
         if self._app_secret:
             body["appsecret_proof"] = hmac.new(
                 self._app_secret.encode(), token.encode(), hashlib.sha256
@@ -197,7 +242,7 @@ class GraphClient:
         # Not chained to the transport's error: aiohttp's keep the request, token header included.
         try:
             response = await self._http.post(
-                f"/{page_id}/messages", json=body, headers={"Authorization": f"Bearer {token}"}
+                f"/{page_id}/{edge}", json=body, headers={"Authorization": f"Bearer {token}"}
             )
         except httpx.TransportError as exc:
             cause = exc.__cause__ or exc
@@ -212,11 +257,7 @@ class GraphClient:
             payload = response.json()
         except ValueError:
             payload = None
-        if response.status_code == 200 and isinstance(payload, dict) and payload.get("message_id"):
-            return SendResult(str(payload["message_id"]), _usage_percent(response.headers))
-        if response.status_code == 200:  # accepted, but nothing proves a delivery
-            raise AmbiguousDelivery("HTTP 200 without a message_id", http_status=200)
-        raise classify(response.status_code, payload, retry_after=_retry_after(response.headers))
+        return response, payload
 
 
 def client_factory(

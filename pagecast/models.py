@@ -96,7 +96,8 @@ def _counter() -> Any:
 
 
 class SendJob(SQLModel, table=True):
-    """One broadcast: a message, a page, an audience in ``send_job_recipients``, and its progress."""
+    """One broadcast: a message (``text``, and ``content`` beyond text: see ``pagecast.content``),
+    a page, an audience in ``send_job_recipients``, and its progress."""
 
     __tablename__ = "send_jobs"
     __table_args__ = (
@@ -107,6 +108,9 @@ class SendJob(SQLModel, table=True):
         ),
         sa.CheckConstraint(
             f"char_length(text) BETWEEN 1 AND {MAX_TEXT_LENGTH}", name="text_length"
+        ),
+        sa.CheckConstraint(
+            "text IS NOT NULL OR content -> 'attachment' IS NOT NULL", name="text_or_attachment"
         ),
         sa.CheckConstraint("concurrency > 0", name="concurrency_positive"),
         sa.CheckConstraint("rate_per_second > 0", name="rate_positive"),
@@ -120,7 +124,12 @@ class SendJob(SQLModel, table=True):
         ),
     )
     page_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False, index=True))
-    text: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    text: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    content: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(pg.JSONB))
+    attachment_id: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    attachment_upload_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
     messaging_type: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
     tag: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     status: str = Field(

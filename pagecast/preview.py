@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from pagecast import repo
+from pagecast.content import Content
 from pagecast.models import MessagingType
 from pagecast.ratelimit import PACING_MARGIN
 from pagecast.validation import render_text
@@ -65,7 +66,8 @@ class Preview:
     starts_at: datetime
     eta_seconds: float
     finishes_at: datetime
-    samples: list[dict[str, str]] = field(default_factory=list)
+    samples: list[dict[str, str | None]] = field(default_factory=list)
+    content: str = ""  # beyond the text: the attachment, buttons, quick replies
     existing_job_id: uuid.UUID | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -113,9 +115,15 @@ def preview_job(engine: sa.Engine, *, request: repo.JobRequest) -> Preview:
                 eta_seconds=(finishes_at - now).total_seconds(),
                 finishes_at=finishes_at,
                 samples=[
-                    {"psid": psid, "text": render_text(job.text, first_name=first, last_name=last)}
+                    {
+                        "psid": psid,
+                        "text": None
+                        if job.text is None
+                        else render_text(job.text, first_name=first, last_name=last),
+                    }
                     for psid, first, last in rows
                 ],
+                content=Content.from_json(job.content).describe(),
                 existing_job_id=None if created.created else job.id,
             )
         finally:

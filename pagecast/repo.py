@@ -97,6 +97,7 @@ def _matches(job: SendJob, request: JobRequest) -> list[str]:
     wanted = {
         "page_id": request.page_id,
         "text": request.message.text,
+        "content": request.message.content.to_json(),
         "messaging_type": request.message.messaging_type,
         "tag": request.message.tag,
     }
@@ -121,6 +122,7 @@ def _insert_job(session: Session, request: JobRequest) -> uuid.UUID | None:
     values: dict[str, Any] = {
         "page_id": request.page_id,
         "text": request.message.text,
+        "content": request.message.content.to_json(),
         "messaging_type": request.message.messaging_type.value,
         "tag": request.message.tag.value if request.message.tag else None,
         "source": request.audience.describe(),

@@ -29,9 +29,9 @@ from typing import Any
 
 from aiohttp import web
 
-from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
+from pagecast.models import MessageTag, MessagingType
+from pagecast.sandbox_messages import invalid_message, invalid_upload, ledger_text
 from pagecast.sandbox_receipts import ReceiptPoster, ReceiptSettings
-from pagecast.validation import text_length
 
 _LEDGER_FLUSH_SECONDS = 0.2
 _WINDOW_SECONDS = 1.0
@@ -163,6 +163,7 @@ class Sandbox:
         self.in_flight = 0
         self.max_in_flight = 0
         self.revoked: set[str] = set()
+        self.uploads: dict[str, str] = {}
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -170,6 +171,7 @@ class Sandbox:
             [
                 web.post("/{version}/{page_id}/messages", self.handle_send),
                 web.post("/{page_id:[0-9]+|me}/messages", self.handle_send),
+                web.post("/{version}/{page_id}/message_attachments", self.handle_upload),
                 web.get("/__stats", self.handle_stats),
                 web.post("/__config", self.handle_config),
                 web.post("/__reset", self.handle_reset),
@@ -213,6 +215,7 @@ class Sandbox:
             "faults": dict(self.faults),
             "first_fault_at": self.first_fault_at.copy(),
             "token_via": dict(self.token_via),
+            "uploads": len(self.uploads),
             "receipts": dict(self.receipts.counts) | {"waiting": self.receipts.waiting},
             "urls": dict(self.urls),
             "pages": {
@@ -220,6 +223,23 @@ class Sandbox:
                 for page, w in self.pages.items()
             },
         }
+
+    async def handle_upload(self, request: web.Request) -> web.Response:
+        """The Attachment Upload API: a reusable attachment by URL gets an ``attachment_id``."""
+        self.urls[request.path_qs] += 1
+        try:
+            body, token = await self._read(request)
+        except (ValueError, json.JSONDecodeError):
+            return _graph_error(400, 100, "(#100) The request body could not be parsed")
+        if token is None or token in self.revoked:
+            return _graph_error(400, 190, "Error validating access token", subcode=460)
+        invalid = invalid_upload(body)
+        if invalid is not None:
+            self.errors["upload 100"] += 1
+            return _graph_error(400, 100, invalid)
+        attachment_id = str(10**15 + len(self.uploads))
+        self.uploads[attachment_id] = body["message"]["attachment"]["payload"]["url"]
+        return web.json_response({"attachment_id": attachment_id})
 
     async def handle_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())
@@ -295,7 +315,7 @@ class Sandbox:
                 "Error validating access token: The session has been invalidated.",
                 subcode=460,
             )
-        invalid = _invalid_payload(body)
+        invalid = _invalid_payload(body, set(self.uploads))
         if invalid is not None:
             return _graph_error(400, 100, invalid)
         page_id = request.match_info["page_id"]
@@ -317,14 +337,12 @@ class Sandbox:
             self.first_fault_at.setdefault(fault, time.time())
             delivers, _ = FAULTS[fault]
             if delivers:
-                self._deliver(
-                    window, now, page_id, psid, body["message"]["text"], message_id, token
-                )
+                self._deliver(window, now, page_id, psid, body["message"], message_id, token)
             if fault != "hang":
                 return self._named_fault(request, fault)
             await asyncio.sleep(self.config.hang_seconds)
         else:
-            self._deliver(window, now, page_id, psid, body["message"]["text"], message_id, token)
+            self._deliver(window, now, page_id, psid, body["message"], message_id, token)
         if self.config.ambiguous_rate and self._rng.random() < self.config.ambiguous_rate:
             if request.transport is not None:
                 request.transport.abort()
@@ -399,7 +417,7 @@ class Sandbox:
         now: float,
         page_id: str,
         psid: str,
-        text: str,
+        message: dict[str, Any],
         message_id: str,
         token: str,
     ) -> None:
@@ -427,8 +445,10 @@ class Sandbox:
                 "page_id": page_id,
                 "psid": psid,
                 "message_id": message_id,
-                "text": text,
+                "text": ledger_text(message),
             }
+            if "text" not in message:
+                record["message"] = message
             self._ledger.write(json.dumps(record) + "\n")
 
 
@@ -446,7 +466,7 @@ def _error_key(response: web.Response) -> str:
     return str(error["code"]) + (f"/{error['error_subcode']}" if "error_subcode" in error else "")
 
 
-def _invalid_payload(body: dict[str, Any]) -> str | None:
+def _invalid_payload(body: dict[str, Any], uploads: set[str]) -> str | None:
     recipient = body.get("recipient")
     if not isinstance(recipient, dict) or not recipient.get("id"):
         return "(#100) The parameter recipient is required"
@@ -456,15 +476,7 @@ def _invalid_payload(body: dict[str, Any]) -> str | None:
     tag = body.get("tag")
     if kind == MessagingType.MESSAGE_TAG and tag not in set(MessageTag):
         return "(#100) Param tag must be a valid message tag when messaging_type is MESSAGE_TAG"
-    message = body.get("message")
-    text = message.get("text") if isinstance(message, dict) else None
-    if not isinstance(text, str) or not text:
-        return "(#100) param message[text] must be non-empty UTF-8 encoded string"
-    if text_length(text) > MAX_TEXT_LENGTH:
-        return (
-            f"(#100) Length of param message[text] must be less than or equal to {MAX_TEXT_LENGTH}"
-        )
-    return None
+    return invalid_message(body.get("message"), uploads)
 
 
 def serve(config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 8765) -> None:

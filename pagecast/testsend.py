@@ -14,6 +14,7 @@ from sqlmodel import Session
 from pagecast import repo
 from pagecast.audience import recipients_from_psids
 from pagecast.chunks import TEXT_TOO_LONG
+from pagecast.content import Content
 from pagecast.errors import (
     AmbiguousDelivery,
     GraphError,
@@ -22,10 +23,10 @@ from pagecast.errors import (
     ThrottledError,
 )
 from pagecast.graph import GraphClient, client_factory
-from pagecast.models import MAX_TEXT_LENGTH, JobStatus, JobTestSend, SendJob, TestSendStatus
+from pagecast.models import JobStatus, JobTestSend, SendJob, TestSendStatus
 from pagecast.ratelimit import Pacer
 from pagecast.settings import Settings
-from pagecast.validation import render_text, text_length
+from pagecast.validation import render_text, text_length, text_limit
 
 MAX_TEST_PSIDS = 20
 _TESTABLE = (JobStatus.PENDING, JobStatus.PAUSED)
@@ -61,11 +62,14 @@ def _rendered(
             raise JobStateConflict(job_id, job.status, "only a pending or paused job is test-sent")
         keys = {"psids": psids, "job_id": job.id, "page_id": job.page_id}
         names = {psid: (first, last) for psid, first, last in session.execute(_NAMES, keys)}
+    described = Content.from_json(job.content).describe()  # what an attachment's row says
     return job, [
         JobTestSend(
             job_id=job.id,
             psid=psid,
-            text=render_text(job.text, first_name=names[psid][0], last_name=names[psid][1]),
+            text=described
+            if job.text is None
+            else render_text(job.text, first_name=names[psid][0], last_name=names[psid][1]),
         )
         for psid in psids
     ]
@@ -79,10 +83,12 @@ def _save(engine: sa.Engine, send: JobTestSend) -> None:
 async def _send_one(client: GraphClient, pacer: Pacer, job: SendJob, send: JobTestSend) -> None:
     """Fill in the send's outcome; a throttled call slows the page down for every runner."""
     try:
-        result = await client.send_text(
+        content = Content.from_json(job.content)
+        text = None if job.text is None else send.text
+        result = await client.send_message(
             page_id=job.page_id,
             psid=send.psid,
-            text=send.text,
+            message=content.message(text, attachment_id=job.attachment_id),
             messaging_type=job.messaging_type,
             tag=job.tag,
         )
@@ -118,10 +124,11 @@ async def send_tests(
         give_up_after=settings.db_retry_seconds,
     )
     async with client_factory(settings, lambda _page_id: token)(1) as client:
+        limit = text_limit(Content.from_json(job.content))
         for send in sends:
-            if text_length(send.text) > MAX_TEXT_LENGTH:  # as the job would: no call
+            if job.text is not None and text_length(send.text) > limit:  # as the job: no call
                 send.status, send.error_key = TestSendStatus.FAILED, TEXT_TOO_LONG
-                send.error_message = f"the rendered text is over {MAX_TEXT_LENGTH} characters"
+                send.error_message = f"the rendered text is over {limit} characters"
                 await asyncio.to_thread(_save, engine, send)
                 continue
             pacer.expect(1)

@@ -8,9 +8,10 @@ Meta could count as longer.
 
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
+from pagecast.content import MAX_TEMPLATE_TEXT, Content
 from pagecast.errors import InvalidField
 from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
 
@@ -24,11 +25,17 @@ _PAGE_ID = re.compile(r"[0-9]{1,32}")
 
 @dataclass(frozen=True)
 class Message:
-    """A validated message: what to send and under which Messenger policy."""
+    """A validated message: what to send and under which Messenger policy. ``text`` is ``None``
+    for an attachment; ``content`` holds what goes beyond text."""
 
-    text: str
+    text: str | None
     messaging_type: MessagingType
     tag: MessageTag | None
+    content: Content = field(default_factory=Content)
+
+    def text_limit(self) -> int:
+        """The most UTF-16 code units a rendered text may have (a button template's is 640)."""
+        return text_limit(self.content)
 
 
 def validate_page_id(page_id: str) -> str:
@@ -94,21 +101,44 @@ def _check_storable(field: str, value: str) -> None:
         ) from None
 
 
-def validate_message(text: str | None, messaging_type: str, tag: str | None) -> Message:
-    """Check the text (not blank, at most 2,000 UTF-16 code units, known placeholders) and the
-    messaging type / tag pairing Meta requires."""
+def text_limit(content: Content) -> int:
+    """The most UTF-16 code units a text may have beside ``content``."""
+    return MAX_TEMPLATE_TEXT if content.buttons else MAX_TEXT_LENGTH
+
+
+def _validate_text(text: str | None, content: Content) -> str | None:
+    if content.attachment_url:
+        if text is not None and text.strip():
+            raise InvalidField(
+                "text",
+                "an attachment is sent on its own (Messenger has no captions): send the text as "
+                "a job of its own, or as a button template",
+            )
+        return None
     if text is None or not text.strip():
         raise InvalidField("text", "must not be empty or only whitespace")
     _check_storable("text", text)
-    length = text_length(text)
-    if length > MAX_TEXT_LENGTH:
+    length, limit = text_length(text), text_limit(content)
+    if length > limit:
+        where = " in a button template" if content.buttons else ""
         raise InvalidField(
             "text",
             f"is {length} characters (UTF-16 code units, as Meta counts), "
-            f"the limit is {MAX_TEXT_LENGTH}",
-            limit=MAX_TEXT_LENGTH,
+            f"the limit is {limit}{where}",
+            limit=limit,
         )
     _check_placeholders(text)
+    return text
+
+
+def validate_message(
+    text: str | None, messaging_type: str, tag: str | None, content: Content | None = None
+) -> Message:
+    """Check the text (not blank, at most 2,000 UTF-16 code units, or 640 in a button template;
+    known placeholders; none beside an attachment) and the messaging type / tag pairing Meta
+    requires."""
+    content = content or Content()
+    text = _validate_text(text, content)
     try:
         kind = MessagingType((messaging_type or "").upper())
     except ValueError:
@@ -122,12 +152,12 @@ def validate_message(text: str | None, messaging_type: str, tag: str | None) -> 
                 "tag", f"is required with MESSAGE_TAG; one of {', '.join(MessageTag)}"
             )
         try:
-            return Message(text, kind, MessageTag(tag.upper()))
+            return Message(text, kind, MessageTag(tag.upper()), content)
         except ValueError:
             raise InvalidField("tag", f"{tag!r} is not one of {', '.join(MessageTag)}") from None
     if tag:
         raise InvalidField("tag", f"is only allowed with messaging_type MESSAGE_TAG, not {kind}")
-    return Message(text, kind, None)
+    return Message(text, kind, None, content)
 
 
 def validate_concurrency(concurrency: int) -> int:

@@ -40,7 +40,9 @@ def create_job(
     psids = [str(10**15 + i) for i in range(count)]
     request = repo.JobRequest(
         page_id=kw.pop("page_id", PAGE),
-        message=validate_message(text, kw.pop("messaging_type", "UPDATE"), kw.pop("tag", None)),
+        message=validate_message(
+            text, kw.pop("messaging_type", "UPDATE"), kw.pop("tag", None), kw.pop("content", None)
+        ),
         audience=kw.pop("audience", None) or recipients_from_psids(psids),
         concurrency=concurrency,
         rate_per_second=rate,

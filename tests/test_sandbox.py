@@ -239,6 +239,8 @@ def test_config_and_reset_endpoints(sandbox):
         "token_via": {},
         "urls": {},
         "pages": {},
+        "uploads": 0,
+        "receipts": {"waiting": 0},
     }
 
 

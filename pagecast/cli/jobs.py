@@ -21,6 +21,7 @@ from pagecast.cli.common import (
     stdout,
 )
 from pagecast.cli.previews import job_test, print_preview
+from pagecast.content import AttachmentType, build_content
 from pagecast.errors import ConfigurationError, InvalidInput
 from pagecast.models import JobStatus, MessagingType, SendJob
 from pagecast.preview import preview_job
@@ -40,7 +41,8 @@ job_app = typer.Typer(help="Send jobs.", no_args_is_help=True)
 
 
 def _job_dict(job: SendJob) -> dict[str, Any]:
-    return job.model_dump(mode="json", exclude={"text"}) | {"text_length": text_length(job.text)}
+    length = text_length(job.text) if job.text is not None else 0
+    return job.model_dump(mode="json", exclude={"text"}) | {"text_length": length}
 
 
 @job_app.command("create")
@@ -48,9 +50,27 @@ def _job_dict(job: SendJob) -> dict[str, Any]:
 def job_create(
     page_id: Annotated[str, typer.Option(help="The Facebook Page that sends.")],
     text: Annotated[
-        str,
-        typer.Option(help="Message text (≤ 2,000 chars; {first_name}, {last_name}, {full_name})."),
-    ],
+        str | None,
+        typer.Option(
+            help="Message text (≤ 2,000 chars, ≤ 640 with --button; {first_name}, {last_name}, "
+            "{full_name}). Not with an attachment."
+        ),
+    ] = None,
+    image_url: Annotated[
+        str | None, typer.Option(help="Send this image instead of text (uploaded once per job).")
+    ] = None,
+    video_url: Annotated[str | None, typer.Option(help="Send this video instead of text.")] = None,
+    file_url: Annotated[str | None, typer.Option(help="Send this file instead of text.")] = None,
+    quick_reply: Annotated[
+        list[str] | None,
+        typer.Option(help="TITLE[=PAYLOAD]: a quick reply (≤ 13, titles ≤ 20 chars; repeatable)."),
+    ] = None,
+    button: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="TITLE=URL or TITLE=PAYLOAD: a button of a button template (1–3; repeatable)."
+        ),
+    ] = None,
     recipients: Annotated[
         Path | None, typer.Option(help="File: one PSID a line, or CSV with a psid column.")
     ] = None,
@@ -96,7 +116,16 @@ def job_create(
     """Create a pending job and print its id (with --dry-run: preview it)."""
     settings = load_settings()
     page_id = validate_page_id(page_id)
-    message = validate_message(text, messaging_type, tag)
+    content = build_content(
+        attachments={
+            AttachmentType.IMAGE: image_url,
+            AttachmentType.VIDEO: video_url,
+            AttachmentType.FILE: file_url,
+        },
+        quick_replies=quick_reply or [],
+        buttons=button or [],
+    )
+    message = validate_message(text, messaging_type, tag, content)
     concurrency = validate_concurrency(
         settings.default_concurrency if concurrency is None else concurrency
     )

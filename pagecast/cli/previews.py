@@ -47,8 +47,11 @@ def print_preview(preview: Preview) -> None:
     )
     stdout.print(table)
     stdout.print("sample:")
+    if preview.content:
+        stdout.print(f"with: {preview.content}", markup=False, highlight=False)
     for sample in preview.samples:
-        stdout.print(f"  {sample['psid']}: {sample['text']}", markup=False, highlight=False)
+        shown = sample["text"] if sample["text"] is not None else preview.content
+        stdout.print(f"  {sample['psid']}: {shown}", markup=False, highlight=False)
 
 
 def _token_from_env(page_id: str) -> str:

@@ -1,0 +1,217 @@
+"""What a message carries beyond plain text: an attachment by URL, quick replies, or a button
+template, validated to Meta's limits, stored with the job as JSON, and turned into the Send API's
+``message`` object for each recipient.
+
+One job sends one Send API message per recipient (so exactly-once holds per call): text, or an
+attachment, or a button template (text ≤ 640 characters with 1–3 buttons); quick replies (≤ 13,
+titles ≤ 20 characters) go with text or an attachment. An attachment is uploaded once per job
+through the Attachment Upload API and sent by ``attachment_id`` (``pagecast.attachments``).
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from pagecast.errors import InvalidField
+
+MAX_QUICK_REPLIES = 13
+MAX_QUICK_REPLY_TITLE = 20
+MAX_TEMPLATE_TEXT = 640
+MAX_BUTTONS = 3
+MAX_BUTTON_TITLE = 20
+MAX_PAYLOAD = 1000
+MAX_URL = 2000
+
+
+class AttachmentType(StrEnum):
+    IMAGE = "image"
+    VIDEO = "video"
+    AUDIO = "audio"
+    FILE = "file"
+
+
+class ButtonType(StrEnum):
+    WEB_URL = "web_url"
+    POSTBACK = "postback"
+
+
+@dataclass(frozen=True)
+class QuickReply:
+    title: str
+    payload: str
+
+
+@dataclass(frozen=True)
+class Button:
+    type: ButtonType
+    title: str
+    target: str  # the URL of a web_url button, the payload of a postback one
+
+
+@dataclass(frozen=True)
+class Content:
+    """The non-text parts of a message; empty for a plain text message."""
+
+    attachment_type: AttachmentType | None = None
+    attachment_url: str | None = None
+    quick_replies: tuple[QuickReply, ...] = ()
+    buttons: tuple[Button, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.attachment_url or self.quick_replies or self.buttons)
+
+    def to_json(self) -> dict[str, Any] | None:
+        """The job's ``content`` column (``None`` for plain text)."""
+        if not self:
+            return None
+        stored: dict[str, Any] = {}
+        if self.attachment_url:
+            stored["attachment"] = {"type": self.attachment_type, "url": self.attachment_url}
+        if self.quick_replies:
+            stored["quick_replies"] = [[q.title, q.payload] for q in self.quick_replies]
+        if self.buttons:
+            stored["buttons"] = [[b.type, b.title, b.target] for b in self.buttons]
+        return stored
+
+    @classmethod
+    def from_json(cls, stored: dict[str, Any] | None) -> "Content":
+        if not stored:
+            return cls()
+        attachment = stored.get("attachment") or {}
+        return cls(
+            attachment_type=AttachmentType(attachment["type"]) if attachment else None,
+            attachment_url=attachment.get("url"),
+            quick_replies=tuple(QuickReply(*q) for q in stored.get("quick_replies", [])),
+            buttons=tuple(
+                Button(ButtonType(t), title, target)
+                for t, title, target in stored.get("buttons", [])
+            ),
+        )
+
+    def message(self, text: str | None, *, attachment_id: str | None = None) -> dict[str, Any]:
+        """The Send API ``message`` for one recipient, ``text`` already rendered."""
+        message: dict[str, Any]
+        if self.buttons:
+            buttons = [
+                {"type": b.type.value, "title": b.title}
+                | ({"url": b.target} if b.type is ButtonType.WEB_URL else {"payload": b.target})
+                for b in self.buttons
+            ]
+            payload = {"template_type": "button", "text": text, "buttons": buttons}
+            message = {"attachment": {"type": "template", "payload": payload}}
+        elif self.attachment_url:
+            source = (
+                {"attachment_id": attachment_id}
+                if attachment_id
+                else {"url": self.attachment_url, "is_reusable": True}
+            )
+            message = {"attachment": {"type": str(self.attachment_type), "payload": source}}
+        else:
+            message = {"text": text}
+        if self.quick_replies:
+            message["quick_replies"] = [
+                {"content_type": "text", "title": q.title, "payload": q.payload}
+                for q in self.quick_replies
+            ]
+        return message
+
+    def describe(self) -> str:
+        """A one-line account for tables and previews (``image https://…, 2 quick replies``)."""
+        parts = []
+        if self.attachment_url:
+            parts.append(f"{self.attachment_type} {self.attachment_url}")
+        if self.buttons:
+            parts.append(
+                f"{len(self.buttons)} button(s): " + ", ".join(b.title for b in self.buttons)
+            )
+        if self.quick_replies:
+            parts.append(f"{len(self.quick_replies)} quick replies")
+        return "; ".join(parts)
+
+
+def _length(value: str) -> int:
+    return len(value.encode("utf-16-le")) // 2  # as ``validation.text_length`` counts
+
+
+def _checked_url(field: str, url: str) -> str:
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > MAX_URL:
+        raise InvalidField(
+            field, f"must be an http(s) URL of at most {MAX_URL} characters, got {url[:80]!r}"
+        )
+    return url
+
+
+def _titled(field: str, title: str, limit: int) -> str:
+    title = title.strip()
+    if not title or _length(title) > limit:
+        raise InvalidField(
+            field,
+            f"title {title[:40]!r} must be 1–{limit} characters, got {_length(title)}",
+            limit=limit,
+        )
+    return title
+
+
+def _payload(field: str, payload: str) -> str:
+    if not payload or len(payload) > MAX_PAYLOAD:
+        raise InvalidField(
+            field,
+            f"payload must be 1–{MAX_PAYLOAD} characters, got {len(payload)}",
+            limit=MAX_PAYLOAD,
+        )
+    return payload
+
+
+def quick_reply(spec: str) -> QuickReply:
+    """``TITLE[=PAYLOAD]`` (the payload defaults to the title)."""
+    title, _, payload = spec.partition("=")
+    title = _titled("quick_reply", title, MAX_QUICK_REPLY_TITLE)
+    return QuickReply(title, _payload("quick_reply", payload or title))
+
+
+def button(spec: str) -> Button:
+    """``TITLE=https://…`` (a ``web_url`` button) or ``TITLE=PAYLOAD`` (a ``postback`` one)."""
+    title, separator, target = spec.partition("=")
+    if not separator or not target:
+        raise InvalidField("button", f"{spec[:40]!r} must be TITLE=URL or TITLE=PAYLOAD")
+    title = _titled("button", title, MAX_BUTTON_TITLE)
+    if target.startswith(("http://", "https://")):
+        return Button(ButtonType.WEB_URL, title, _checked_url("button", target))
+    return Button(ButtonType.POSTBACK, title, _payload("button", target))
+
+
+def build_content(
+    *,
+    attachments: dict[AttachmentType, str | None],
+    quick_replies: list[str],
+    buttons: list[str],
+) -> Content:
+    """Validated content from its options: at most one attachment URL (given per type),
+    ≤ 13 quick replies, 0 or 1–3 buttons, and not an attachment and buttons together."""
+    given = {kind: url for kind, url in attachments.items() if url}
+    if len(given) > 1:
+        raise InvalidField(
+            "attachment", f"one attachment per message, got {', '.join(map(str, given))}"
+        )
+    if len(quick_replies) > MAX_QUICK_REPLIES:
+        raise InvalidField(
+            "quick_reply",
+            f"at most {MAX_QUICK_REPLIES} quick replies, got {len(quick_replies)}",
+            limit=MAX_QUICK_REPLIES,
+        )
+    if len(buttons) > MAX_BUTTONS:
+        raise InvalidField(
+            "button", f"1–{MAX_BUTTONS} buttons, got {len(buttons)}", limit=MAX_BUTTONS
+        )
+    if given and buttons:
+        raise InvalidField("button", "a button template carries text, not an attachment")
+    kind, url = next(iter(given.items()), (None, None))
+    return Content(
+        attachment_type=kind,
+        attachment_url=_checked_url(f"{kind}_url", url) if url else None,
+        quick_replies=tuple(quick_reply(spec) for spec in quick_replies),
+        buttons=tuple(button(spec) for spec in buttons),
+    )
