@@ -9,13 +9,26 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from flows.send_job import send_job
 from pagecast import repo
 from pagecast.audience import recipients_from_psids
+from pagecast.content import (
+    MAX_BUTTON_TITLE,
+    MAX_BUTTONS,
+    MAX_PAYLOAD,
+    MAX_QUICK_REPLIES,
+    MAX_QUICK_REPLY_TITLE,
+    MAX_URL,
+    AttachmentType,
+    Content,
+    build_content,
+    make_button,
+    make_quick_reply,
+)
 from pagecast.db import ready_engine, session_scope
-from pagecast.errors import InvalidInput
+from pagecast.errors import InvalidField, InvalidInput
 from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
 from pagecast.preview import preview_job
 from pagecast.settings import get_settings
@@ -30,12 +43,51 @@ from pagecast.validation import (
 )
 
 _SEPARATORS = re.compile(r"[\s,;]+")
+_URL_PATTERN = r"^https?://\S+$"
+
+
+class QuickReplyField(BaseModel):
+    """A quick reply of the form: its title, and the payload your webhook receives."""
+
+    title: Annotated[str, Field(min_length=1, max_length=MAX_QUICK_REPLY_TITLE)]
+    payload: Annotated[str | None, Field(max_length=MAX_PAYLOAD, description="Default: title")] = (
+        None
+    )
+
+
+class ButtonField(BaseModel):
+    """A button of a button template: a URL to open, or a payload to post back."""
+
+    title: Annotated[str, Field(min_length=1, max_length=MAX_BUTTON_TITLE)]
+    url: Annotated[str | None, Field(pattern=_URL_PATTERN, max_length=MAX_URL)] = None
+    payload: Annotated[str | None, Field(max_length=MAX_PAYLOAD)] = None
+
+
+def _content(
+    image_url: str | None,
+    video_url: str | None,
+    file_url: str | None,
+    quick_replies: list[QuickReplyField],
+    buttons: list[ButtonField],
+) -> Content:
+    for button in buttons:
+        if (button.url is None) == (button.payload is None):
+            raise InvalidField("button", f"{button.title!r} needs either a url or a payload")
+    return build_content(
+        attachments={
+            AttachmentType.IMAGE: image_url,
+            AttachmentType.VIDEO: video_url,
+            AttachmentType.FILE: file_url,
+        },
+        quick_replies=[make_quick_reply(q.title, q.payload) for q in quick_replies],
+        buttons=[make_button(b.title, b.url or b.payload or "") for b in buttons],
+    )
 
 
 def broadcast_request(
     *,
     page_id: str,
-    text: str,
+    text: str | None,
     psids: str,
     contact_tags: list[str],
     messaging_type: str,
@@ -44,6 +96,11 @@ def broadcast_request(
     rate_per_second: float,
     allow_high_volume: bool,
     idempotency_key: str | None,
+    image_url: str | None = None,
+    video_url: str | None = None,
+    file_url: str | None = None,
+    quick_replies: list[QuickReplyField] | None = None,
+    buttons: list[ButtonField] | None = None,
 ) -> repo.JobRequest:
     """The broadcast's parameters checked with pagecast's rules, which the schema only approaches
     (it counts text in code points, not UTF-16 units): a job request, or ``InvalidInput``."""
@@ -52,7 +109,12 @@ def broadcast_request(
         raise InvalidInput("audience: give either psids or contact_tags")
     return repo.JobRequest(
         page_id=validate_page_id(page_id),
-        message=validate_message(text, messaging_type, tag),
+        message=validate_message(
+            text or None,
+            messaging_type,
+            tag,
+            _content(image_url, video_url, file_url, quick_replies or [], buttons or []),
+        ),
         audience=recipients_from_psids(entries) if entries else repo.TagFilter(tuple(contact_tags)),
         concurrency=validate_concurrency(concurrency),
         rate_per_second=validate_rate(rate_per_second, allow_high_volume=allow_high_volume),
@@ -66,7 +128,10 @@ def _preview(request: repo.JobRequest) -> dict[str, Any]:
         {"item": item, "value": value}
         for item, value in preview.as_dict().items()
         if item != "samples"
-    ] + [{"item": f"sample {s['psid']}", "value": s["text"]} for s in preview.samples]
+    ] + [
+        {"item": f"sample {s['psid']}", "value": s["text"] or preview.content}
+        for s in preview.samples
+    ]
     create_table_artifact(rows, description="broadcast preview (dry run: nothing written)")
     get_run_logger().info(
         "dry run: %d recipients to send, ETA %.0f s", preview.to_send, preview.eta_seconds
@@ -80,11 +145,11 @@ def broadcast(
     text: Annotated[
         str,
         Field(
-            min_length=1,
             max_length=MAX_TEXT_LENGTH,
-            description="Message text; {first_name}, {last_name} and {full_name} are filled in",
+            description="Message text; {first_name}, {last_name} and {full_name} are filled in "
+            "(≤ 640 with buttons; leave empty to send an attachment)",
         ),
-    ],
+    ] = "",
     psids: Annotated[
         str, Field(description="Recipients: PSIDs, one per line (or leave empty and give tags)")
     ] = "",
@@ -105,6 +170,27 @@ def broadcast(
         bool,
         Field(description="Only preview: counts, a rendered sample and the ETA as an artifact"),
     ] = False,
+    image_url: Annotated[
+        str | None,
+        Field(
+            pattern=_URL_PATTERN,
+            max_length=MAX_URL,
+            description="Send this image instead of text (uploaded once)",
+        ),
+    ] = None,
+    video_url: Annotated[
+        str | None, Field(pattern=_URL_PATTERN, max_length=MAX_URL, description="Or this video")
+    ] = None,
+    file_url: Annotated[
+        str | None, Field(pattern=_URL_PATTERN, max_length=MAX_URL, description="Or this file")
+    ] = None,
+    quick_replies: Annotated[
+        list[QuickReplyField], Field(max_length=MAX_QUICK_REPLIES, description="Up to 13")
+    ] = [],  # noqa: B006 - Prefect needs a JSON default
+    buttons: Annotated[
+        list[ButtonField],
+        Field(max_length=MAX_BUTTONS, description="1–3 buttons make a button template"),
+    ] = [],  # noqa: B006 - Prefect needs a JSON default
 ) -> dict[str, Any]:
     """Create a pagecast job and send it (with ``dry_run``, preview it in an artifact and write
     nothing); nothing is written when a value is invalid."""
@@ -120,6 +206,11 @@ def broadcast(
         rate_per_second=rate_per_second,
         allow_high_volume=allow_high_volume,
         idempotency_key=idempotency_key,
+        image_url=image_url,
+        video_url=video_url,
+        file_url=file_url,
+        quick_replies=quick_replies,
+        buttons=buttons,
     )
     if dry_run:
         return _preview(request)

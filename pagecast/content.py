@@ -165,29 +165,39 @@ def _payload(field: str, payload: str) -> str:
     return payload
 
 
-def quick_reply(spec: str) -> QuickReply:
-    """``TITLE[=PAYLOAD]`` (the payload defaults to the title)."""
-    title, _, payload = spec.partition("=")
+def make_quick_reply(title: str, payload: str | None = None) -> QuickReply:
+    """A quick reply; its payload defaults to its title."""
     title = _titled("quick_reply", title, MAX_QUICK_REPLY_TITLE)
     return QuickReply(title, _payload("quick_reply", payload or title))
 
 
-def button(spec: str) -> Button:
-    """``TITLE=https://…`` (a ``web_url`` button) or ``TITLE=PAYLOAD`` (a ``postback`` one)."""
-    title, separator, target = spec.partition("=")
-    if not separator or not target:
-        raise InvalidField("button", f"{spec[:40]!r} must be TITLE=URL or TITLE=PAYLOAD")
+def make_button(title: str, target: str) -> Button:
+    """A ``web_url`` button when ``target`` is an http(s) URL, else a ``postback`` one."""
     title = _titled("button", title, MAX_BUTTON_TITLE)
     if target.startswith(("http://", "https://")):
         return Button(ButtonType.WEB_URL, title, _checked_url("button", target))
     return Button(ButtonType.POSTBACK, title, _payload("button", target))
 
 
+def parse_quick_reply(spec: str) -> QuickReply:
+    """``TITLE[=PAYLOAD]`` (the payload defaults to the title)."""
+    title, _, payload = spec.partition("=")
+    return make_quick_reply(title, payload)
+
+
+def parse_button(spec: str) -> Button:
+    """``TITLE=https://…`` (a ``web_url`` button) or ``TITLE=PAYLOAD`` (a ``postback`` one)."""
+    title, separator, target = spec.partition("=")
+    if not separator or not target:
+        raise InvalidField("button", f"{spec[:40]!r} must be TITLE=URL or TITLE=PAYLOAD")
+    return make_button(title, target)
+
+
 def build_content(
     *,
     attachments: dict[AttachmentType, str | None],
-    quick_replies: list[str],
-    buttons: list[str],
+    quick_replies: list[QuickReply],
+    buttons: list[Button],
 ) -> Content:
     """Validated content from its options: at most one attachment URL (given per type),
     ≤ 13 quick replies, 0 or 1–3 buttons, and not an attachment and buttons together."""
@@ -212,6 +222,6 @@ def build_content(
     return Content(
         attachment_type=kind,
         attachment_url=_checked_url(f"{kind}_url", url) if url else None,
-        quick_replies=tuple(quick_reply(spec) for spec in quick_replies),
-        buttons=tuple(button(spec) for spec in buttons),
+        quick_replies=tuple(quick_replies),
+        buttons=tuple(buttons),
     )

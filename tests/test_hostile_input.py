@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from flows.broadcast import broadcast_request
+from flows.broadcast import ButtonField, QuickReplyField, broadcast_request
 from pagecast import db, lifecycle, repo
 from pagecast.cli import app
 from pagecast.errors import InvalidInput
@@ -233,6 +233,22 @@ API_REJECTED = {
     "concurrency 100,000": ({"concurrency": 100_000}, "concurrency", "between 1 and 1000"),
     "idempotency key of 10 kB": ({"idempotency_key": "k" * 10_240}, "idempotency_key", "1–255"),
     "idempotency key with a NUL": ({"idempotency_key": "k\x00"}, "idempotency_key", "NUL"),
+    "image and text": ({"image_url": "https://x.com/a.png"}, "text", "no captions"),
+    "14 quick replies": (
+        {"quick_replies": [QuickReplyField(title=f"q{i}") for i in range(14)]},
+        "quick_reply",
+        "at most 13",
+    ),
+    "a button with a url and a payload": (
+        {"buttons": [ButtonField(title="Go", url="https://x.com", payload="GO")]},
+        "button",
+        "either a url or a payload",
+    ),
+    "template text of 641": (
+        {"text": "x" * 641, "buttons": [ButtonField(title="Go", payload="GO")]},
+        "text",
+        "the limit is 640 in a button template",
+    ),
 }
 
 

@@ -5,12 +5,14 @@ import json
 
 import pytest
 import sqlalchemy as sa
+from prefect.utilities.callables import parameter_schema
 from typer.testing import CliRunner
 
+from flows.broadcast import QuickReplyField, broadcast, broadcast_request
 from pagecast import db, repo
 from pagecast.audience import ContactRow
 from pagecast.cli import app
-from pagecast.content import AttachmentType, build_content
+from pagecast.content import AttachmentType, build_content, parse_button, parse_quick_reply
 from pagecast.errors import IdempotencyConflict, InvalidField
 from pagecast.sandbox_messages import UNREACHABLE_HOST
 from pagecast.validation import validate_message
@@ -35,8 +37,8 @@ def content(image=None, video=None, file=None, quick_replies=(), buttons=()):
             AttachmentType.VIDEO: video,
             AttachmentType.FILE: file,
         },
-        quick_replies=list(quick_replies),
-        buttons=list(buttons),
+        quick_replies=[parse_quick_reply(spec) for spec in quick_replies],
+        buttons=[parse_button(spec) for spec in buttons],
     )
 
 
@@ -192,3 +194,29 @@ def test_an_idempotency_key_names_one_message_with_its_content(engine):
     assert _jobs(engine) == 1 and again.content == {"attachment": {"type": "image", "url": IMAGE}}
     with pytest.raises(IdempotencyConflict, match="content"):
         create_job(engine, 2, text=None, content=content(video=IMAGE), idempotency_key="k1")
+
+
+def test_the_broadcast_form_builds_the_same_rich_message(engine):
+    request = broadcast_request(
+        page_id=PAGE,
+        text="",
+        psids="1001 1002",
+        contact_tags=[],
+        messaging_type="UPDATE",
+        tag=None,
+        concurrency=10,
+        rate_per_second=20.0,
+        allow_high_volume=False,
+        idempotency_key=None,
+        video_url="https://cdn.example.com/clip.mp4",
+        quick_replies=[QuickReplyField(title="Yes"), QuickReplyField(title="No", payload="N")],
+    )
+    with db.session_scope(engine) as session:
+        job = repo.create_job(session, request=request).job
+    assert job.text is None
+    assert job.content == {
+        "attachment": {"type": "video", "url": "https://cdn.example.com/clip.mp4"},
+        "quick_replies": [["Yes", "Yes"], ["No", "N"]],
+    }
+    schema = parameter_schema(broadcast.fn).model_dump()["properties"]
+    assert (schema["quick_replies"]["maxItems"], schema["buttons"]["maxItems"]) == (13, 3)

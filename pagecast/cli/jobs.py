@@ -21,7 +21,7 @@ from pagecast.cli.common import (
     stdout,
 )
 from pagecast.cli.previews import job_test, print_preview
-from pagecast.content import AttachmentType, build_content
+from pagecast.content import AttachmentType, build_content, parse_button, parse_quick_reply
 from pagecast.errors import ConfigurationError, InvalidInput
 from pagecast.models import JobStatus, MessagingType, SendJob
 from pagecast.preview import preview_job
@@ -122,8 +122,8 @@ def job_create(
             AttachmentType.VIDEO: video_url,
             AttachmentType.FILE: file_url,
         },
-        quick_replies=quick_reply or [],
-        buttons=button or [],
+        quick_replies=[parse_quick_reply(spec) for spec in quick_reply or []],
+        buttons=[parse_button(spec) for spec in button or []],
     )
     message = validate_message(text, messaging_type, tag, content)
     concurrency = validate_concurrency(
