@@ -9,10 +9,11 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import BaseModel, Field
 
 from flows.send_job import send_job
-from pagecast import repo
+from pagecast import commands, repo
 from pagecast.audience import recipients_from_psids
 from pagecast.content import (
     MAX_BUTTON_TITLE,
@@ -32,6 +33,7 @@ from pagecast.errors import InvalidField, InvalidInput
 from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
 from pagecast.preview import preview_job
 from pagecast.settings import get_settings
+from pagecast.testsend import MAX_TEST_PSIDS, send_tests, validate_test_psids
 from pagecast.validation import (
     MAX_CONCURRENCY,
     MAX_RATE_PER_SECOND,
@@ -41,6 +43,7 @@ from pagecast.validation import (
     validate_page_id,
     validate_rate,
 )
+from tasks.tokens import page_token
 
 _SEPARATORS = re.compile(r"[\s,;]+")
 _URL_PATTERN = r"^https?://\S+$"
@@ -191,6 +194,14 @@ def broadcast(
         list[ButtonField],
         Field(max_length=MAX_BUTTONS, description="1–3 buttons make a button template"),
     ] = [],  # noqa: B006 - Prefect needs a JSON default
+    test_psids: Annotated[
+        list[str],
+        Field(
+            max_length=MAX_TEST_PSIDS,
+            description="Only test-send to these PSIDs and hold the job (needs idempotency_key; "
+            "submit again without them to send it)",
+        ),
+    ] = [],  # noqa: B006 - Prefect needs a JSON default
 ) -> dict[str, Any]:
     """Create a pagecast job and send it (with ``dry_run``, preview it in an artifact and write
     nothing); nothing is written when a value is invalid."""
@@ -214,13 +225,39 @@ def broadcast(
     )
     if dry_run:
         return _preview(request)
-    with session_scope(ready_engine(get_settings())) as session:
+    testing = validate_test_psids(test_psids) if test_psids else []
+    if testing and idempotency_key is None:
+        raise InvalidField(
+            "idempotency_key",
+            "is required with test_psids: submitting the broadcast again with the same key and "
+            "no test_psids sends the held job",
+        )
+    engine = ready_engine(get_settings())
+    with session_scope(engine) as session:
         created = repo.create_job(session, request=request)
-    job_id: uuid.UUID = created.job.id
+        job_id: uuid.UUID = created.job.id
+        if testing and created.created:
+            commands.hold_for_tests(session, job_id=job_id)
+        elif not testing and commands.release_held(session, job_id=job_id):
+            logger.info("job %s released after its test sends", job_id)
     logger.info(
         "job %s %s with %d recipients",
         job_id,
         "created" if created.created else "exists",
         created.job.total,
     )
+    if testing:
+        return _test_sends(engine, job_id, testing) | {"created": created.created}
     return send_job(job_id) | {"created": created.created}
+
+
+def _test_sends(engine: Any, job_id: uuid.UUID, psids: list[str]) -> dict[str, Any]:
+    sends = run_coro_as_sync(
+        send_tests(engine, get_settings(), job_id=job_id, psids=psids, token_for=page_token)
+    )
+    rows = [
+        {"psid": s.psid, "status": s.status, "detail": s.message_id or s.error_message or ""}
+        for s in sends
+    ]
+    create_table_artifact(rows, description=f"test sends of job {job_id} (the job is held)")
+    return {"job_id": str(job_id), "held": True, "test_sends": rows}

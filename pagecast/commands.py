@@ -106,6 +106,25 @@ def pause_job(session: Session, *, job_id: uuid.UUID, reason: str = "paused by r
     return job
 
 
+HELD_FOR_TESTS = (
+    "held for test sends: submit the broadcast again with the same idempotency key and no "
+    "test_psids to send it (or: pagecast job resume)"
+)
+
+
+def hold_for_tests(session: Session, *, job_id: uuid.UUID) -> SendJob:
+    """Pause a job just created for test sends, so nothing sweeps it up before it is released."""
+    return pause_job(session, job_id=job_id, reason=HELD_FOR_TESTS)
+
+
+def release_held(session: Session, *, job_id: uuid.UUID) -> SendJob | None:
+    """Make a job held for test sends pending again; ``None`` when it is not held."""
+    job = get_job(session, job_id=job_id, for_update=True)
+    if job.status != JobStatus.PAUSED or job.last_error != HELD_FOR_TESTS:
+        return None
+    return resume_job(session, job_id=job_id)
+
+
 def _restartable(job: SendJob) -> None:
     """A job made pending by hand starts afresh: no stalled runs, no backoff."""
     job.stalled_runs, job.next_attempt_at, job.waiting_for = 0, None, None

@@ -5,6 +5,7 @@ import re
 import uuid
 
 import pytest
+import sqlalchemy as sa
 from prefect.blocks.system import Secret
 
 from pagecast.errors import JobFatalGraphError, LeaseLost, MissingPageToken
@@ -199,3 +200,28 @@ def test_an_unexpected_error_ends_the_job_failed_with_the_rest_pending(
     counts = recipient_counts(engine, job.id)
     assert "sending" not in counts and counts["pending"] >= 100
     assert counts.get("sent", 0) == failed.sent == state.stats()["delivered"]
+
+
+def test_a_broadcast_with_test_psids_holds_its_job_until_submitted_again(engine, sandbox):
+    from flows.broadcast import broadcast
+    from pagecast.errors import InvalidField
+
+    _, ledger = sandbox
+    form = {"page_id": PAGE, "text": "Hi {first_name}", "psids": "1001 1002 1003"}
+    with pytest.raises(InvalidField, match="idempotency_key: is required with test_psids"):
+        broadcast(**form, test_psids=["5005"])
+    form["idempotency_key"] = "launch-7"
+    held = broadcast(**form, test_psids=["5005", "5006"])
+    assert held["held"] and [s["status"] for s in held["test_sends"]] == ["sent", "sent"]
+    job = job_row(engine, uuid.UUID(held["job_id"]))
+    assert (job.status, job.sent, job.total) == ("paused", 0, 3)
+    assert sorted(r["psid"] for r in ledger()) == ["5005", "5006"]
+
+    again = broadcast(**form, test_psids=["5005"])  # still held: another test, nothing else
+    assert again["job_id"] == held["job_id"] and not again["created"]
+    sent = broadcast(**form)
+    assert sent["status"] == "completed" and not sent["created"]
+    assert sorted(r["psid"] for r in ledger()) == ["1001", "1002", "1003", "5005", "5005", "5006"]
+    with engine.connect() as connection:
+        jobs = connection.execute(sa.text("SELECT count(*) FROM send_jobs")).scalar_one()
+    assert jobs == 1
