@@ -104,6 +104,7 @@ def broadcast_request(
     file_url: str | None = None,
     quick_replies: list[QuickReplyField] | None = None,
     buttons: list[ButtonField] | None = None,
+    skip_invalid: bool = False,
 ) -> repo.JobRequest:
     """The broadcast's parameters checked with pagecast's rules, which the schema only approaches
     (it counts text in code points, not UTF-16 units): a job request, or ``InvalidInput``."""
@@ -118,7 +119,9 @@ def broadcast_request(
             tag,
             _content(image_url, video_url, file_url, quick_replies or [], buttons or []),
         ),
-        audience=recipients_from_psids(entries) if entries else repo.TagFilter(tuple(contact_tags)),
+        audience=recipients_from_psids(entries, skip_invalid=skip_invalid)
+        if entries
+        else repo.TagFilter(tuple(contact_tags)),
         concurrency=validate_concurrency(concurrency),
         rate_per_second=validate_rate(rate_per_second, allow_high_volume=allow_high_volume),
         idempotency_key=validate_idempotency_key(idempotency_key),
@@ -222,6 +225,7 @@ def broadcast(
         file_url=file_url,
         quick_replies=quick_replies,
         buttons=buttons,
+        skip_invalid=dry_run,
     )
     if dry_run:
         return _preview(request)

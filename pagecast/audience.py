@@ -55,6 +55,8 @@ class ParsedRecipients:
 
     source: str
     read: Callable[[], Iterator[Recipient]] = field(repr=False)
+    invalid: int = 0  # lines left out as invalid (only when read with ``skip_invalid``)
+    problems: tuple[LineProblem, ...] = ()  # the first of them
 
     def __iter__(self) -> Iterator[Recipient]:
         return self.read()
@@ -168,9 +170,25 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         yield from _csv_rows(repr(str(path)), delimiter, first[0], (line for _, line in rest))
 
 
-def _recipients(label: str, rows: Iterable[tuple[int, dict[str, str]]]) -> Iterator[Recipient]:
+@dataclass
+class _Skipped:
+    """Invalid lines left out: how many, and the first of them."""
+
+    count: int = 0
+    first: list[LineProblem] = field(default_factory=list)
+
+    def add(self, problem: LineProblem) -> None:
+        self.count += 1
+        if len(self.first) < _KEPT_PROBLEMS:
+            self.first.append(problem)
+
+
+def _recipients(
+    label: str, rows: Iterable[tuple[int, dict[str, str]]], skipped: _Skipped | None
+) -> Iterator[Recipient]:
     """The recipients of ``rows``, up to the first bad PSID; after the last row,
-    ``InvalidAudience`` lists the bad ones."""
+    ``InvalidAudience`` lists the bad ones. With ``skipped``, bad lines are left out and counted
+    there instead."""
     problems: list[LineProblem] = []
     bad = 0
     for number, row in rows:
@@ -179,28 +197,45 @@ def _recipients(label: str, rows: Iterable[tuple[int, dict[str, str]]]) -> Itera
             bad += 1
             if len(problems) < _KEPT_PROBLEMS:
                 problems.append(LineProblem(number, reason))
-        elif not bad:
+            if skipped is not None:
+                skipped.add(LineProblem(number, reason))
+        elif not bad or skipped is not None:
             yield Recipient(
                 row["psid"], row.get("first_name") or None, row.get("last_name") or None
             )
-    if bad:
+    if bad and skipped is None:
         raise InvalidAudience(f"{label} has {bad} invalid PSID(s):", problems, problem_count=bad)
 
 
-def _checked(label: str, source: str, read: Callable[[], Iterator[Recipient]]) -> ParsedRecipients:
-    listed = sum(1 for _ in read())  # a whole pass: every line is checked
+def _checked(
+    label: str,
+    source: str,
+    rows: Callable[[], Iterable[tuple[int, dict[str, str]]]],
+    *,
+    skip_invalid: bool,
+) -> ParsedRecipients:
+    """A whole pass checks every line; the result reads ``rows`` again when iterated."""
+    skipped = _Skipped() if skip_invalid else None
+    listed = sum(1 for _ in _recipients(label, rows(), skipped))
     if not listed:
         raise InvalidAudience(f"{label} lists no recipients")
-    return ParsedRecipients(source=source, read=read)
+    return ParsedRecipients(
+        source=source,
+        read=lambda: _recipients(label, rows(), _Skipped() if skip_invalid else None),
+        invalid=skipped.count if skipped else 0,
+        problems=tuple(skipped.first) if skipped else (),
+    )
 
 
-def read_recipients(path: Path) -> ParsedRecipients:
-    """Check a recipients file in one streaming pass; iterating the result reads it again."""
+def read_recipients(path: Path, *, skip_invalid: bool = False) -> ParsedRecipients:
+    """Check a recipients file in one streaming pass; iterating the result reads it again.
+    Invalid PSIDs raise ``InvalidAudience`` (with ``skip_invalid``, a preview's: left out and
+    counted)."""
     label = repr(str(path))
-    return _checked(label, f"file:{path.name}", lambda: _recipients(label, _rows(path)))
+    return _checked(label, f"file:{path.name}", lambda: _rows(path), skip_invalid=skip_invalid)
 
 
-def recipients_from_psids(psids: list[str]) -> ParsedRecipients:
+def recipients_from_psids(psids: list[str], *, skip_invalid: bool = False) -> ParsedRecipients:
     """Validate PSIDs given inline (e.g. pasted into a form); blank entries are ignored and
     positions are reported as line numbers."""
     rows = [
@@ -209,7 +244,7 @@ def recipients_from_psids(psids: list[str]) -> ParsedRecipients:
         if psid.strip()
     ]
     label = "the PSID list"
-    return _checked(label, "psid list", lambda: _recipients(label, rows))
+    return _checked(label, "psid list", lambda: rows, skip_invalid=skip_invalid)
 
 
 def _parse_bool(value: str) -> bool | None:

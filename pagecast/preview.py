@@ -58,6 +58,7 @@ class Preview:
     recipients: int
     duplicates_removed: int
     opted_out_excluded: int
+    invalid: int  # lines left out: an invalid PSID (creating the job refuses the file)
     outside_window: int  # skipped at send time (24-hour window); 0 with MESSAGE_TAG
     to_send: int
     jobs_ahead: int
@@ -68,6 +69,7 @@ class Preview:
     finishes_at: datetime
     samples: list[dict[str, str | None]] = field(default_factory=list)
     content: str = ""  # beyond the text: the attachment, buttons, quick replies
+    invalid_lines: list[str] = field(default_factory=list)  # the first few, with line numbers
     existing_job_id: uuid.UUID | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,6 +108,11 @@ def preview_job(engine: sa.Engine, *, request: repo.JobRequest) -> Preview:
                 recipients=job.total,
                 duplicates_removed=created.duplicates_removed,
                 opted_out_excluded=created.opted_out_excluded,
+                invalid=getattr(request.audience, "invalid", 0),
+                invalid_lines=[
+                    f"line {p.line}: {p.reason}"
+                    for p in getattr(request.audience, "problems", ())[:SAMPLE_SIZE]
+                ],
                 outside_window=outside,
                 to_send=to_send,
                 jobs_ahead=ahead,

@@ -136,3 +136,24 @@ def test_the_dry_run_prints_a_readable_preview(audience):
     assert result.exit_code == 0, result.output
     for line in ("nothing written, nothing sent", "1 would be skipped", "ETA", "1001: Hi Ana"):
         assert line in result.stdout
+
+
+def test_a_dry_run_counts_invalid_psids_that_creating_would_refuse(engine, audience, tmp_path):
+    with_bad = tmp_path / "with-bad.txt"
+    with_bad.write_text("1001\nabc\n1004\n0123\n")
+    before = _row_counts(engine)
+    preview = _preview("--text", "Hi", "--recipients", with_bad)
+    assert (preview["invalid"], preview["recipients"]) == (2, 2)
+    assert preview["invalid_lines"] == [
+        "line 2: PSID 'abc' is not numeric (digits 0-9 only)",
+        "line 4: PSID '0123' starts with 0, which Meta's PSIDs never do",
+    ]
+    table = _run(
+        "job", "create", "--page-id", PAGE, "--dry-run", "--text", "Hi", "--recipients", with_bad
+    )
+    assert "invalid PSIDs" in table.stdout and "2 left out" in table.stdout
+    refused = runner.invoke(
+        app, ["job", "create", "--page-id", PAGE, "--text", "Hi", "--recipients", str(with_bad)]
+    )
+    assert refused.exit_code == 2 and "2 invalid PSID(s)" in refused.stderr
+    assert _row_counts(engine) == before

@@ -139,7 +139,7 @@ def job_create(
         raise InvalidInput("audience: give exactly one of --recipients FILE or --tag-filter TAG")
     audience: ParsedRecipients | repo.TagFilter
     if recipients is not None:
-        audience = read_recipients(recipients)
+        audience = read_recipients(recipients, skip_invalid=dry_run)
     else:
         audience = repo.TagFilter(tuple(tag_filter or ()), match_all=match_all_tags)
     request = repo.JobRequest(

@@ -33,6 +33,9 @@ def print_preview(preview: Preview) -> None:
     table.add_row("recipients", f"{preview.recipients:,}")
     table.add_row("duplicates removed", f"{preview.duplicates_removed:,}")
     table.add_row("opted-out contacts excluded", f"{preview.opted_out_excluded:,}")
+    if preview.invalid:
+        first = "; ".join(preview.invalid_lines)
+        table.add_row("invalid PSIDs", f"{preview.invalid:,} left out ({first}…)")
     if preview.messaging_type != MessagingType.MESSAGE_TAG:
         table.add_row("outside the 24-hour window", f"{preview.outside_window:,} would be skipped")
     table.add_row("to send", f"{preview.to_send:,}")
