@@ -13,7 +13,7 @@ from sqlmodel import Session
 from pagecast import repo
 from pagecast.content import Content
 from pagecast.models import MessagingType
-from pagecast.ratelimit import PACING_MARGIN
+from pagecast.ratelimit import EFFECTIVE_FACTOR, PACING_MARGIN, RECOVERY_PER_SECOND
 from pagecast.validation import render_text
 
 SAMPLE_SIZE = 3
@@ -80,6 +80,17 @@ class Preview:
         return values
 
 
+def _recovery_seconds(session: Session, page_id: str) -> float:
+    """What the page's throttling backoff costs from now: its factor ``f`` recovers linearly to 1
+    at ``RECOVERY_PER_SECOND``, sending ``(1 - f)² / (2 × recovery)`` seconds' worth less."""
+    factor = session.execute(
+        sa.text(f"SELECT {EFFECTIVE_FACTOR} FROM page_send_rates WHERE page_id = :page_id"),
+        {"page_id": page_id},
+    ).scalar_one_or_none()
+    shortfall = 1.0 - (1.0 if factor is None else float(factor))
+    return shortfall**2 / (2 * RECOVERY_PER_SECOND)
+
+
 def preview_job(engine: sa.Engine, *, request: repo.JobRequest) -> Preview:
     """Preview the job ``request`` describes (with an idempotency key that names a job, what is
     left of that job). The page is busy with the work ahead until ``now + ahead``; the job ends
@@ -98,7 +109,10 @@ def preview_job(engine: sa.Engine, *, request: repo.JobRequest) -> Preview:
             outside = session.execute(_OUTSIDE_WINDOW, keys).scalar_one() if windowed else 0
             rows = session.execute(_SAMPLE, keys | {"limit": SAMPLE_SIZE}).all()
             to_send = job.total - job.sent - job.failed - job.skipped - job.unknown - outside
-            page_free_at = now + timedelta(seconds=float(ahead_seconds) / PACING_MARGIN)
+            recovering = _recovery_seconds(session, job.page_id)
+            page_free_at = now + timedelta(
+                seconds=float(ahead_seconds) / PACING_MARGIN + recovering
+            )
             finishes_at = max(page_free_at, starts_at) + timedelta(
                 seconds=to_send / job.rate_per_second / PACING_MARGIN
             )

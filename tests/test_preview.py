@@ -157,3 +157,17 @@ def test_a_dry_run_counts_invalid_psids_that_creating_would_refuse(engine, audie
     )
     assert refused.exit_code == 2 and "2 invalid PSID(s)" in refused.stderr
     assert _row_counts(engine) == before
+
+
+def test_the_eta_counts_what_a_throttled_page_still_has_to_recover(engine, audience):
+    calm = _preview("--text", "Hi", "--recipients", audience, "--rate", "10")["eta_seconds"]
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO page_send_rates (page_id, backoff_factor, throttled_at) "
+                "VALUES (:page, 0.5, now())"
+            ),
+            {"page": PAGE},
+        )
+    throttled = _preview("--text", "Hi", "--recipients", audience, "--rate", "10")["eta_seconds"]
+    assert throttled - calm == pytest.approx(0.5**2 / (2 * 0.05), abs=0.1)  # 2.5 s
