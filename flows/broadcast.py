@@ -23,6 +23,7 @@ from pagecast.content import (
     MAX_QUICK_REPLY_TITLE,
     MAX_URL,
     AttachmentType,
+    ButtonType,
     Content,
     build_content,
     make_button,
@@ -83,7 +84,12 @@ def _content(
             AttachmentType.FILE: file_url,
         },
         quick_replies=[make_quick_reply(q.title, q.payload) for q in quick_replies],
-        buttons=[make_button(b.title, b.url or b.payload or "") for b in buttons],
+        buttons=[
+            make_button(ButtonType.WEB_URL, b.title, b.url)
+            if b.url is not None
+            else make_button(ButtonType.POSTBACK, b.title, b.payload or "")
+            for b in buttons
+        ],
     )
 
 

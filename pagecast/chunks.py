@@ -46,7 +46,8 @@ from pagecast.ratelimit import Pacer
 from pagecast.recipients import Claimed, Outcome
 from pagecast.recorder import FLUSH_SECONDS, Recorder, shared_recorder
 from pagecast.repo import get_job
-from pagecast.validation import render_text, text_length, text_limit
+from pagecast.text import text_length
+from pagecast.validation import render_text, text_limit
 
 TRANSIENT_TRIES = 6
 UNEXPECTED_ERROR_TRIES = 4  # code 2 also means "the user blocked the page": only a few tries
@@ -168,7 +169,7 @@ class ChunkSender:
         concurrency: int,
         mark_ahead: int,
         outage_pause_after: float = 300.0,
-        attachment: Callable[[], Awaitable[str]] | None = None,
+        attachment: attachments.Upload | None = None,
     ) -> None:
         self._job = job
         self._attachment = attachment
@@ -181,6 +182,7 @@ class ChunkSender:
         self._ahead = asyncio.Semaphore(mark_ahead)
         self.fatal: JobFatalGraphError | None = None
         self.outage_error: GraphError | None = None
+        self.upload_error: GraphError | None = None
         self._started = outage.now()
         self.error: BaseException | None = None
         self.outcomes: list[Outcome] = []
@@ -199,20 +201,30 @@ class ChunkSender:
         return self.outage_error is not None
 
     async def _attachment_id(self, claimed: list[Claimed]) -> str | None:
-        """The job's uploaded attachment (``None`` without one). When the upload fails, every
-        claimed recipient goes back to ``pending``: a job-fatal answer stops the job, any other
-        failure is raised."""
+        """The job's uploaded attachment (``None`` without one). When there is none to send (the
+        upload failed, or the job stopped while another chunk uploaded), every claimed recipient
+        goes back to ``pending``: Meta refusing the file stops the job ``failed``, transient
+        failures ``paused`` (``upload_error``)."""
         if self._attachment is None:
             return None
         try:
-            return await self._attachment()
-        except BaseException as error:
-            for recipient in claimed:
-                self._settle(Outcome(recipient.psid, RecipientStatus.PENDING))
-            if not isinstance(error, JobFatalGraphError):
-                raise
-            self.fatal = error
-            return None
+            uploaded = await self._attachment()
+        except (JobFatalGraphError, TransientGraphError, AmbiguousDelivery) as error:
+            if isinstance(error, JobFatalGraphError):
+                self.fatal = error
+            else:
+                self.upload_error = error
+            uploaded = None
+        except BaseException:
+            self._give_back(claimed)
+            raise
+        if uploaded is None:
+            self._give_back(claimed)
+        return uploaded
+
+    def _give_back(self, claimed: list[Claimed]) -> None:
+        for recipient in claimed:
+            self._settle(Outcome(recipient.psid, RecipientStatus.PENDING))
 
     def _settle(self, outcome: Outcome) -> None:
         self._recorder.record(outcome)
@@ -337,7 +349,7 @@ class ChunkSender:
         content = Content.from_json(job.content)
         limit = text_limit(content)
         attachment_id = await self._attachment_id(claimed)
-        if self.fatal is not None:
+        if self._attachment is not None and attachment_id is None:
             return
         to_send = []
         for recipient in claimed:
@@ -441,7 +453,7 @@ async def send_chunk(
                     concurrency=concurrency,
                     mark_ahead=mark_ahead,
                     outage_pause_after=outage_pause_after,
-                    attachment=_attachment(engine, job, client, give_up_after),
+                    attachment=attachments.uploader(engine, job, client, give_up_after),
                 )
                 await sender.run(claimed)
         except BaseException:
@@ -460,18 +472,15 @@ async def send_chunk(
             "resume the job when it is back"
         )
         await asyncio.to_thread(_stop, engine, lease, JobStatus.PAUSED, reason)
-    return ChunkResult.of(sender.outcomes, sender.fatal, stopped or sender.outage_error is not None)
-
-
-def _attachment(
-    engine: sa.Engine, job: SendJob, client: GraphClient, give_up_after: float
-) -> Callable[[], Awaitable[str]] | None:
-    """How the chunk gets the job's attachment id, when the job has an attachment."""
-    if not Content.from_json(job.content).attachment_url:
-        return None
-    return functools.partial(
-        attachments.attachment_id, engine, job, client, give_up_after=give_up_after
-    )
+    elif sender.upload_error is not None:
+        error = sender.upload_error
+        reason = (
+            f"paused: the attachment upload failed {attachments.UPLOAD_TRIES} times (last: "
+            f"{error.code_key}: {error.message}); resume the job to upload it again"
+        )
+        await asyncio.to_thread(_stop, engine, lease, JobStatus.PAUSED, reason)
+    halted = sender.outage_error is not None or sender.upload_error is not None
+    return ChunkResult.of(sender.outcomes, sender.fatal, stopped or halted)
 
 
 def _stop(engine: sa.Engine, lease: Lease, status: JobStatus, reason: str) -> None:

@@ -126,8 +126,10 @@ def release_held(session: Session, *, job_id: uuid.UUID) -> SendJob | None:
 
 
 def _restartable(job: SendJob) -> None:
-    """A job made pending by hand starts afresh: no stalled runs, no backoff."""
+    """A job made pending by hand starts afresh: no stalled runs, no backoff, and its attachment
+    uploaded again (a failed upload's claim let go, an id Meta no longer knows forgotten)."""
     job.stalled_runs, job.next_attempt_at, job.waiting_for = 0, None, None
+    job.attachment_id, job.attachment_upload_at = None, None
 
 
 def resume_job(session: Session, *, job_id: uuid.UUID) -> SendJob:
@@ -170,7 +172,8 @@ def requeue_job(session: Session, *, job_id: uuid.UUID, include_unknown: bool = 
     session.execute(
         sa.text(
             "UPDATE send_jobs SET status = 'pending', finished_at = NULL, last_error = NULL, "
-            "stalled_runs = 0, next_attempt_at = NULL, waiting_for = NULL WHERE id = :job_id"
+            "stalled_runs = 0, next_attempt_at = NULL, waiting_for = NULL, "
+            "attachment_id = NULL, attachment_upload_at = NULL WHERE id = :job_id"
         ),
         {"job_id": job_id},
     )

@@ -8,12 +8,14 @@ titles ≤ 20 characters) go with text or an attachment. An attachment is upload
 through the Attachment Upload API and sent by ``attachment_id`` (``pagecast.attachments``).
 """
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
 from pagecast.errors import InvalidField
+from pagecast.text import check_storable, text_length
 
 MAX_QUICK_REPLIES = 13
 MAX_QUICK_REPLY_TITLE = 20
@@ -27,7 +29,6 @@ MAX_URL = 2000
 class AttachmentType(StrEnum):
     IMAGE = "image"
     VIDEO = "video"
-    AUDIO = "audio"
     FILE = "file"
 
 
@@ -89,8 +90,11 @@ class Content:
             ),
         )
 
-    def message(self, text: str | None, *, attachment_id: str | None = None) -> dict[str, Any]:
-        """The Send API ``message`` for one recipient, ``text`` already rendered."""
+    def message(
+        self, text: str | None, *, attachment_id: str | None = None, by_url: bool = False
+    ) -> dict[str, Any]:
+        """The Send API ``message`` for one recipient, ``text`` already rendered. An attachment
+        goes by its uploaded ``attachment_id``; only ``by_url`` (a test send) names its URL."""
         message: dict[str, Any]
         if self.buttons:
             buttons = [
@@ -101,11 +105,12 @@ class Content:
             payload = {"template_type": "button", "text": text, "buttons": buttons}
             message = {"attachment": {"type": "template", "payload": payload}}
         elif self.attachment_url:
-            source = (
-                {"attachment_id": attachment_id}
-                if attachment_id
-                else {"url": self.attachment_url, "is_reusable": True}
-            )
+            if attachment_id:
+                source: dict[str, Any] = {"attachment_id": attachment_id}
+            elif by_url:
+                source = {"url": self.attachment_url}
+            else:
+                raise ValueError("an attachment is sent by its uploaded attachment_id")
             message = {"attachment": {"type": str(self.attachment_type), "payload": source}}
         else:
             message = {"text": text}
@@ -130,36 +135,48 @@ class Content:
         return "; ".join(parts)
 
 
-def _length(value: str) -> int:
-    return len(value.encode("utf-16-le")) // 2  # as ``validation.text_length`` counts
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 def _checked_url(field: str, url: str) -> str:
     url = url.strip()
+    check_storable(field, url)
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or len(url) > MAX_URL:
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.netloc
+        or len(url) > MAX_URL
+        or any(c.isspace() or not c.isprintable() for c in url)
+    ):
         raise InvalidField(
-            field, f"must be an http(s) URL of at most {MAX_URL} characters, got {url[:80]!r}"
+            field,
+            f"must be an http(s) URL of at most {MAX_URL} characters, without spaces, "
+            f"got {url[:80]!r}",
+            limit=MAX_URL,
         )
     return url
 
 
 def _titled(field: str, title: str, limit: int) -> str:
     title = title.strip()
-    if not title or _length(title) > limit:
+    check_storable(field, title)
+    if not title or text_length(title) > limit:
         raise InvalidField(
             field,
-            f"title {title[:40]!r} must be 1–{limit} characters, got {_length(title)}",
+            f"title {title[:40]!r} must be 1–{limit} characters (UTF-16 code units), "
+            f"got {text_length(title)}",
             limit=limit,
         )
     return title
 
 
 def _payload(field: str, payload: str) -> str:
-    if not payload or len(payload) > MAX_PAYLOAD:
+    check_storable(field, payload)
+    if not payload or text_length(payload) > MAX_PAYLOAD:
         raise InvalidField(
             field,
-            f"payload must be 1–{MAX_PAYLOAD} characters, got {len(payload)}",
+            f"payload must be 1–{MAX_PAYLOAD} characters (UTF-16 code units), "
+            f"got {text_length(payload)}",
             limit=MAX_PAYLOAD,
         )
     return payload
@@ -171,12 +188,12 @@ def make_quick_reply(title: str, payload: str | None = None) -> QuickReply:
     return QuickReply(title, _payload("quick_reply", payload or title))
 
 
-def make_button(title: str, target: str) -> Button:
-    """A ``web_url`` button when ``target`` is an http(s) URL, else a ``postback`` one."""
+def make_button(kind: ButtonType, title: str, target: str) -> Button:
+    """A ``web_url`` button opening ``target``, or a ``postback`` one posting it back."""
     title = _titled("button", title, MAX_BUTTON_TITLE)
-    if target.startswith(("http://", "https://")):
-        return Button(ButtonType.WEB_URL, title, _checked_url("button", target))
-    return Button(ButtonType.POSTBACK, title, _payload("button", target))
+    if kind is ButtonType.WEB_URL:
+        return Button(kind, title, _checked_url("button", target))
+    return Button(kind, title, _payload("button", target))
 
 
 def parse_quick_reply(spec: str) -> QuickReply:
@@ -186,11 +203,14 @@ def parse_quick_reply(spec: str) -> QuickReply:
 
 
 def parse_button(spec: str) -> Button:
-    """``TITLE=https://…`` (a ``web_url`` button) or ``TITLE=PAYLOAD`` (a ``postback`` one)."""
+    """``TITLE=URL`` (a ``web_url`` button: anything with a scheme or ``www.`` is taken for a URL
+    and must be http(s)) or ``TITLE=PAYLOAD`` (a ``postback`` one)."""
     title, separator, target = spec.partition("=")
     if not separator or not target:
         raise InvalidField("button", f"{spec[:40]!r} must be TITLE=URL or TITLE=PAYLOAD")
-    return make_button(title, target)
+    looks_like_url = _SCHEME.match(target.strip()) or target.strip().lower().startswith("www.")
+    kind = ButtonType.WEB_URL if looks_like_url else ButtonType.POSTBACK
+    return make_button(kind, title, target)
 
 
 def build_content(

@@ -21,7 +21,7 @@ import time
 import uuid
 import zlib
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -77,6 +77,7 @@ class SandboxConfig:
     read_receipt_rate: float = 0.5
     receipt_duplicate_rate: float = 0.05
     receipt_delay_ms: float = 500.0
+    upload_failures: int = 0  # the next uploads answered with a transient error (HTTP 500)
 
     def receipt_settings(self) -> ReceiptSettings | None:
         """Where and how the sandbox posts receipts; ``None`` without a webhook URL and secret."""
@@ -164,6 +165,7 @@ class Sandbox:
         self.max_in_flight = 0
         self.revoked: set[str] = set()
         self.uploads: dict[str, str] = {}
+        self.upload_calls = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -216,6 +218,7 @@ class Sandbox:
             "first_fault_at": self.first_fault_at.copy(),
             "token_via": dict(self.token_via),
             "uploads": len(self.uploads),
+            "upload_calls": self.upload_calls,
             "receipts": dict(self.receipts.counts) | {"waiting": self.receipts.waiting},
             "urls": dict(self.urls),
             "pages": {
@@ -233,6 +236,10 @@ class Sandbox:
             return _graph_error(400, 100, "(#100) The request body could not be parsed")
         if token is None or token in self.revoked:
             return _graph_error(400, 190, "Error validating access token", subcode=460)
+        self.upload_calls += 1
+        if self.config.upload_failures:
+            self.config.upload_failures -= 1
+            return _graph_error(500, 2, "Service temporarily unavailable", transient=True)
         invalid = invalid_upload(body)
         if invalid is not None:
             self.errors["upload 100"] += 1
@@ -315,7 +322,7 @@ class Sandbox:
                 "Error validating access token: The session has been invalidated.",
                 subcode=460,
             )
-        invalid = _invalid_payload(body, set(self.uploads))
+        invalid = _invalid_payload(body, self.uploads)
         if invalid is not None:
             return _graph_error(400, 100, invalid)
         page_id = request.match_info["page_id"]
@@ -466,7 +473,7 @@ def _error_key(response: web.Response) -> str:
     return str(error["code"]) + (f"/{error['error_subcode']}" if "error_subcode" in error else "")
 
 
-def _invalid_payload(body: dict[str, Any], uploads: set[str]) -> str | None:
+def _invalid_payload(body: dict[str, Any], uploads: Container[str]) -> str | None:
     recipient = body.get("recipient")
     if not isinstance(recipient, dict) or not recipient.get("id"):
         return "(#100) The parameter recipient is required"

@@ -2,6 +2,7 @@
 Meta's documented shapes and limits: an answer is ``None`` (accepted) or Meta's error message
 (the sandbox answers it as error code 100)."""
 
+from collections.abc import Container
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +17,7 @@ from pagecast.content import (
     ButtonType,
 )
 from pagecast.models import MAX_TEXT_LENGTH
-from pagecast.validation import text_length
+from pagecast.text import text_length
 
 UNREACHABLE_HOST = "unreachable.invalid"  # an upload from here fails as Meta's would
 
@@ -57,7 +58,7 @@ def _template(payload: dict[str, Any]) -> str | None:
     return problem or next((p for b in buttons if (p := _button(b))), None)
 
 
-def _attachment(attachment: Any, uploads: set[str]) -> str | None:
+def _attachment(attachment: Any, uploads: Container[str]) -> str | None:
     kind = attachment.get("type") if isinstance(attachment, dict) else None
     payload = attachment.get("payload") if isinstance(attachment, dict) else None
     if not isinstance(payload, dict):
@@ -87,7 +88,7 @@ def _quick_replies(replies: Any) -> str | None:
     return None
 
 
-def invalid_message(message: Any, uploads: set[str]) -> str | None:
+def invalid_message(message: Any, uploads: Container[str]) -> str | None:
     """Why Meta would refuse ``message`` (text or an attachment, not both; quick replies)."""
     if not isinstance(message, dict) or ("text" in message) == ("attachment" in message):
         return "(#100) param message must have either text or attachment"

@@ -26,7 +26,8 @@ from pagecast.graph import GraphClient, client_factory
 from pagecast.models import JobStatus, JobTestSend, SendJob, TestSendStatus
 from pagecast.ratelimit import Pacer
 from pagecast.settings import Settings
-from pagecast.validation import render_text, text_length, text_limit
+from pagecast.text import text_length
+from pagecast.validation import render_text, text_limit
 
 MAX_TEST_PSIDS = 20
 _TESTABLE = (JobStatus.PENDING, JobStatus.PAUSED)
@@ -88,7 +89,7 @@ async def _send_one(client: GraphClient, pacer: Pacer, job: SendJob, send: JobTe
         result = await client.send_message(
             page_id=job.page_id,
             psid=send.psid,
-            message=content.message(text, attachment_id=job.attachment_id),
+            message=content.message(text, attachment_id=job.attachment_id, by_url=True),
             messaging_type=job.messaging_type,
             tag=job.tag,
         )

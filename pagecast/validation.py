@@ -1,9 +1,6 @@
 """Rules a send request must meet before anything is written: text, messaging type, tag, limits.
 
-Text length is counted in UTF-16 code units, the larger of the two counts Meta may apply (an
-emoji outside the Basic Multilingual Plane is 2, a combining mark or a Hebrew letter 1): Meta
-documents "2,000 characters" without saying which unit, so pagecast never accepts a text that
-Meta could count as longer.
+Text length is counted as Meta may count it (UTF-16 code units, see ``pagecast.text``).
 """
 
 import re
@@ -14,6 +11,7 @@ from datetime import datetime
 from pagecast.content import MAX_TEMPLATE_TEXT, Content
 from pagecast.errors import InvalidField
 from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
+from pagecast.text import check_storable, text_length
 
 PLACEHOLDERS = ("first_name", "last_name", "full_name")
 SAFE_RATE_PER_SECOND = 40.0
@@ -32,10 +30,6 @@ class Message:
     messaging_type: MessagingType
     tag: MessageTag | None
     content: Content = field(default_factory=Content)
-
-    def text_limit(self) -> int:
-        """The most UTF-16 code units a rendered text may have (a button template's is 640)."""
-        return text_limit(self.content)
 
 
 def validate_page_id(page_id: str) -> str:
@@ -83,24 +77,6 @@ def _check_placeholders(text: str) -> None:
             raise InvalidField("text", f"cannot be rendered: {exc}") from None
 
 
-def text_length(text: str) -> int:
-    """The length Meta's 2,000-character limit is checked against: UTF-16 code units."""
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
-
-
-def _check_storable(field: str, value: str) -> None:
-    """PostgreSQL text holds valid Unicode without NUL: refuse what it would fail on."""
-    if "\x00" in value:
-        position = value.index("\x00") + 1
-        raise InvalidField(field, f"contains a NUL character (U+0000) at position {position}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidField(
-            field, f"is not valid Unicode (a lone surrogate at position {exc.start + 1})"
-        ) from None
-
-
 def text_limit(content: Content) -> int:
     """The most UTF-16 code units a text may have beside ``content``."""
     return MAX_TEMPLATE_TEXT if content.buttons else MAX_TEXT_LENGTH
@@ -117,7 +93,7 @@ def _validate_text(text: str | None, content: Content) -> str | None:
         return None
     if text is None or not text.strip():
         raise InvalidField("text", "must not be empty or only whitespace")
-    _check_storable("text", text)
+    check_storable("text", text)
     length, limit = text_length(text), text_limit(content)
     if length > limit:
         where = " in a button template" if content.buttons else ""
@@ -195,7 +171,7 @@ def validate_idempotency_key(key: str | None) -> str | None:
             f"must be 1–{MAX_IDEMPOTENCY_KEY_LENGTH} characters, not blank; got {len(key)}",
             limit=MAX_IDEMPOTENCY_KEY_LENGTH,
         )
-    _check_storable("idempotency_key", key)
+    check_storable("idempotency_key", key)
     return key
 
 

@@ -9,7 +9,7 @@ from prefect.utilities.callables import parameter_schema
 from typer.testing import CliRunner
 
 from flows.broadcast import QuickReplyField, broadcast, broadcast_request
-from pagecast import db, repo
+from pagecast import attachments, commands, db, repo
 from pagecast.audience import ContactRow
 from pagecast.cli import app
 from pagecast.content import AttachmentType, build_content, parse_button, parse_quick_reply
@@ -50,7 +50,12 @@ def message(text, **parts):
     ("text", "parts", "field", "says"),
     [
         ("hi", {"quick_replies": [f"q{i}" for i in range(14)]}, "quick_reply", "at most 13"),
-        ("hi", {"quick_replies": ["x" * 21]}, "quick_reply", "1–20 characters, got 21"),
+        (
+            "hi",
+            {"quick_replies": ["x" * 21]},
+            "quick_reply",
+            "1–20 characters (UTF-16 code units), got 21",
+        ),
         ("hi", {"quick_replies": ["😀" * 11]}, "quick_reply", "got 22"),
         ("hi", {"quick_replies": ["  "]}, "quick_reply", "1–20 characters"),
         ("hi", {"quick_replies": ["ok=" + "p" * 1001]}, "quick_reply", "payload must be 1–1000"),
@@ -66,6 +71,14 @@ def message(text, **parts):
         ("caption", {"image": IMAGE}, "text", "Messenger has no captions"),
         (None, {"image": IMAGE, "buttons": ["Go=GO"]}, "button", "not an attachment"),
         (None, {"quick_replies": ["Yes"]}, "text", "must not be empty"),
+        ("hi", {"quick_replies": ["ok=" + "😀" * 501]}, "quick_reply", "got 1002"),
+        ("hi", {"quick_replies": ["ok=a\x00b"]}, "quick_reply", "NUL"),
+        ("hi", {"quick_replies": ["\ud800"]}, "quick_reply", "lone surrogate"),
+        ("hi", {"buttons": ["Go=https://x.com/\x00"]}, "button", "NUL"),
+        ("hi", {"buttons": ["Go=https://x .com/"]}, "button", "without spaces"),
+        ("hi", {"buttons": ["Visit=javascript:alert(1)"]}, "button", "http(s) URL"),
+        ("hi", {"buttons": ["Go=www.example.com"]}, "button", "http(s) URL"),
+        (None, {"file": "https://x.com/a b.pdf"}, "file_url", "without spaces"),
         (None, {"buttons": ["Go=GO"]}, "text", "must not be empty"),
     ],
 )
@@ -105,11 +118,11 @@ def test_the_cli_rejects_a_bad_rich_message_and_writes_nothing(pagecast_env, eng
     for extra, says in [
         (["--image-url", IMAGE, "--text", "hi"], "text: an attachment is sent on its own"),
         (["--text", "hi"] + ["--quick-reply", "q"] * 14, "quick_reply: at most 13"),
-        (["--text", "hi", "--button", "Visit=javascript:alert(1)"], None),
+        (["--text", "hi", "--button", "Later=REMIND_ME"], None),
         (["--file-url", "file:///etc/passwd"], "file_url: must be an http(s) URL"),
     ]:
         result = runner.invoke(app, base + extra)
-        if says is None:  # not a URL: a postback payload, which is fine
+        if says is None:  # a postback payload
             assert result.exit_code == 0, result.output
             continue
         assert result.exit_code == 2, result.output
@@ -174,7 +187,7 @@ async def test_a_button_template_is_rendered_per_recipient(engine, database_url,
 async def test_an_upload_meta_refuses_fails_the_job_before_anyone_is_sent(
     engine, database_url, sandbox
 ):
-    url, _, ledger = sandbox
+    url, state, ledger = sandbox
     job = create_job(
         engine, 30, text=None, content=content(image=f"https://{UNREACHABLE_HOST}/a.png")
     )
@@ -185,7 +198,8 @@ async def test_an_upload_meta_refuses_fails_the_job_before_anyone_is_sent(
     assert recipient_counts(engine, job.id) == {"pending": 30}
     assert_counters_match_rows(engine, job.id)
     assert ledger() == []
-    assert ended.attachment_id is None and ended.attachment_upload_at is None
+    assert ended.attachment_id is None
+    assert state.stats()["upload_calls"] == 1  # the other chunks saw the job stop
 
 
 def test_an_idempotency_key_names_one_message_with_its_content(engine):
@@ -220,3 +234,56 @@ def test_the_broadcast_form_builds_the_same_rich_message(engine):
     }
     schema = parameter_schema(broadcast.fn).model_dump()["properties"]
     assert (schema["quick_replies"]["maxItems"], schema["buttons"]["maxItems"]) == (13, 3)
+
+
+def test_a_scheme_in_any_case_makes_a_url_button():
+    (button,) = content(buttons=["Go=HTTPS://Shop.Example.com/a"]).buttons
+    assert (button.type, button.target) == ("web_url", "HTTPS://Shop.Example.com/a")
+
+
+async def test_transient_upload_failures_are_tried_again(
+    engine, database_url, sandbox, monkeypatch
+):
+    monkeypatch.setattr(attachments, "UPLOAD_BACKOFF_SECONDS", 0.01)
+    url, state, _ = sandbox
+    state.config.upload_failures = 2
+    job = create_job(engine, 20, text=None, content=content(image=IMAGE))
+    await run_job(engine, make_settings(database_url, url, chunk_size=5), job.id)
+    assert job_row(engine, job.id).sent == 20
+    assert (state.stats()["upload_calls"], state.stats()["uploads"]) == (3, 1)
+
+
+async def test_an_upload_failing_through_every_try_pauses_the_job_and_resume_uploads_again(
+    engine, database_url, sandbox, monkeypatch
+):
+    monkeypatch.setattr(attachments, "UPLOAD_BACKOFF_SECONDS", 0.01)
+    url, state, ledger = sandbox
+    state.config.upload_failures = 100
+    job = create_job(engine, 20, text=None, content=content(image=IMAGE))
+    settings = make_settings(database_url, url, chunk_size=5)
+    await run_job(engine, settings, job.id)
+    paused = job_row(engine, job.id)
+    assert paused.status == "paused"
+    assert "attachment upload failed 4 times" in paused.last_error
+    assert recipient_counts(engine, job.id) == {"pending": 20}
+    assert state.stats()["upload_calls"] == attachments.UPLOAD_TRIES and ledger() == []
+
+    state.config.upload_failures = 0
+    with db.session_scope(engine) as session:
+        commands.resume_job(session, job_id=job.id)
+    await run_job(engine, settings, job.id)
+    assert job_row(engine, job.id).sent == 20
+    assert state.stats()["uploads"] == 1
+
+
+def test_a_test_send_of_an_attachment_names_its_url(engine, pagecast_env, sandbox, monkeypatch):
+    url, _, ledger = sandbox
+    monkeypatch.setenv("PAGECAST_GRAPH_API_URL", url)
+    monkeypatch.setenv(f"PAGECAST_PAGE_ACCESS_TOKEN__{PAGE}", "t")
+    job = create_job(engine, 3, text=None, content=content(image=IMAGE, quick_replies=["Yes"]))
+    result = runner.invoke(app, ["job", "test", str(job.id), "--psid", "4242", "--json"])
+    assert result.exit_code == 0, result.output
+    (sent,) = ledger()
+    assert sent["message"]["attachment"] == {"type": "image", "payload": {"url": IMAGE}}
+    (row,) = json.loads(result.stdout)
+    assert (row["status"], row["text"]) == ("sent", f"image {IMAGE}; 1 quick replies")

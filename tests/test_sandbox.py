@@ -240,6 +240,7 @@ def test_config_and_reset_endpoints(sandbox):
         "urls": {},
         "pages": {},
         "uploads": 0,
+        "upload_calls": 0,
         "receipts": {"waiting": 0},
     }
 

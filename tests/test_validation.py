@@ -4,8 +4,8 @@ import pytest
 
 from pagecast.errors import InvalidField
 from pagecast.models import MessageTag, MessagingType
+from pagecast.text import text_length
 from pagecast.validation import (
-    text_length,
     validate_concurrency,
     validate_idempotency_key,
     validate_message,

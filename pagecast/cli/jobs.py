@@ -27,8 +27,8 @@ from pagecast.models import JobStatus, MessagingType, SendJob
 from pagecast.preview import preview_job
 from pagecast.reports import receipt_share, waiting_for
 from pagecast.settings import Settings
+from pagecast.text import text_length
 from pagecast.validation import (
-    text_length,
     validate_concurrency,
     validate_idempotency_key,
     validate_message,

@@ -31,6 +31,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_constraint(op.f("ck_send_jobs_text_or_attachment"), "send_jobs", type_="check")
+    # An attachment job keeps a stand-in text: the older schema has no message without one.
+    op.execute("UPDATE send_jobs SET text = '[attachment]' WHERE text IS NULL")
     for name in ("attachment_upload_at", "attachment_id", "content"):
         op.drop_column("send_jobs", name)
     op.alter_column("send_jobs", "text", existing_type=sa.Text(), nullable=False)
