@@ -16,10 +16,10 @@ import sqlalchemy as sa
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from flows.broadcast import ButtonField, QuickReplyField, broadcast_request
 from pagecast import db, lifecycle, repo
 from pagecast.cli import app
 from pagecast.errors import InvalidInput
+from pagecast.forms import ButtonField, QuickReplyField, broadcast_request
 from tests.engine import create_job, make_settings, run_job
 
 PAGE = "100200300"

@@ -8,12 +8,13 @@ import sqlalchemy as sa
 from prefect.utilities.callables import parameter_schema
 from typer.testing import CliRunner
 
-from flows.broadcast import QuickReplyField, broadcast, broadcast_request
+from flows.broadcast import broadcast
 from pagecast import attachments, commands, db, repo
 from pagecast.audience import ContactRow
 from pagecast.cli import app
 from pagecast.content import AttachmentType, build_content, parse_button, parse_quick_reply
 from pagecast.errors import IdempotencyConflict, InvalidField
+from pagecast.forms import QuickReplyField, broadcast_request
 from pagecast.sandbox_messages import UNREACHABLE_HOST
 from pagecast.validation import validate_message
 from tests.engine import (
