@@ -1,5 +1,5 @@
-"""Tables: a send job, one row per recipient of a job, its test sends, a page's contacts, and the
-Messenger webhook events received for them."""
+"""Tables: a send job, one row per recipient of a job, its test sends, a page's contacts, the
+Messenger webhook events received for them, and the HTTP API's keys."""
 
 import uuid
 from datetime import datetime
@@ -369,5 +369,35 @@ class WebhookEvent(SQLModel, table=True):
         default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
     )
     applied_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+
+
+class ApiKey(SQLModel, table=True):
+    """A key of the HTTP job API: its hash only (the key is shown once), and the pages it may see
+    (none listed: every page)."""
+
+    __tablename__ = "api_keys"
+
+    id: uuid.UUID = Field(
+        default_factory=uuid.uuid4,
+        sa_column=sa.Column(
+            pg.UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")
+        ),
+    )
+    name: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    key_id: str = Field(sa_column=sa.Column(sa.Text, nullable=False, unique=True))
+    key_hash: str = Field(sa_column=sa.Column(sa.Text, nullable=False))
+    page_ids: list[str] = Field(
+        default_factory=list,
+        sa_column=sa.Column(
+            pg.ARRAY(sa.Text), nullable=False, server_default=sa.text("'{}'::text[]")
+        ),
+    )
+    created_at: datetime = Field(sa_column=_now_column())
+    last_used_at: datetime | None = Field(
+        default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
+    )
+    revoked_at: datetime | None = Field(
         default=None, sa_column=sa.Column(sa.DateTime(timezone=True))
     )

@@ -302,14 +302,29 @@ def set_waiting_for(session: Session, *, job_id: uuid.UUID, waiting_for: str | N
 
 
 def list_jobs(
-    session: Session, *, status: str | None = None, page_id: str | None = None, limit: int = 20
+    session: Session,
+    *,
+    status: str | None = None,
+    page_id: str | None = None,
+    limit: int = 20,
+    page_ids: Sequence[str] = (),
+    before: tuple[datetime, uuid.UUID] | None = None,
 ) -> Sequence[SendJob]:
-    """The most recently created jobs, newest first."""
-    query = select(SendJob).order_by(col(SendJob.created_at).desc()).limit(limit)
+    """The most recently created jobs, newest first (ties by id); only ``page_ids``' when given,
+    and only those created before ``before`` (a page of a paged list)."""
+    query = (
+        select(SendJob)
+        .order_by(col(SendJob.created_at).desc(), col(SendJob.id).desc())
+        .limit(limit)
+    )
     if status is not None:
         query = query.where(SendJob.status == status)
     if page_id is not None:
         query = query.where(SendJob.page_id == page_id)
+    if page_ids:
+        query = query.where(col(SendJob.page_id).in_(page_ids))
+    if before is not None:
+        query = query.where(sa.tuple_(SendJob.created_at, SendJob.id) < sa.tuple_(*before))
     return session.exec(query).all()
 
 

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
         default="STOP,UNSUBSCRIBE",
         description="Comma-separated messages (any case) that opt a contact out of broadcasts.",
     )
+    api_cors_origins: str = Field(
+        default="",
+        description="Comma-separated origins allowed to call the HTTP job API from a browser.",
+    )
     notify_url: str | None = Field(default=None, description="Webhook for job summaries.")
     app_secret: SecretStr | None = Field(
         default=None,

@@ -121,6 +121,24 @@ async def _body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def create_server(settings: Settings, engine: sa.Engine) -> FastAPI:
+    """``pagecast serve``: the HTTP job API at ``/v1``, and the webhook receiver beside it when
+    the app secret and the verify token are set."""
+    from pagecast.api import create_api
+
+    if settings.app_secret and settings.webhook_verify_token:
+        app = create_app(settings, engine)
+    else:
+        app = FastAPI(title="pagecast", openapi_url=None)
+        app.get("/healthz")(_healthz)
+    app.mount("/v1", create_api(settings, engine))
+    return app
+
+
+def _healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
 def create_app(settings: Settings, engine: sa.Engine) -> FastAPI:
     """The receiver for ``settings``; ``ConfigurationError`` without the app secret and the
     verify token."""
@@ -176,9 +194,7 @@ def create_app(settings: Settings, engine: sa.Engine) -> FastAPI:
     def stats() -> dict[str, Any]:
         return {"received": dict(counts), "applied": dict(applier.totals)}
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    app.get("/healthz")(_healthz)
 
     app.state.applier = applier
     return app
@@ -201,6 +217,13 @@ def running_receiver(
     """Serve the receiver on ``port`` (0: a free one) in a background thread; yields its
     ``/webhook`` URL and its event applier."""
     app = create_app(settings, engine)
+    with serving(app, host=host, port=port) as url:
+        yield f"{url}/webhook", app.state.applier
+
+
+@contextmanager
+def serving(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` on ``port`` (0: a free one) in a background thread; yields its base URL."""
     # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that name it, and without it
     # every keep-alive answer waited ~40 ms for a delayed ACK.
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -213,10 +236,10 @@ def running_receiver(
     thread.start()
     while not server.started:
         if not thread.is_alive():
-            raise ConfigurationError(f"the webhook receiver did not start on {host}:{port}")
+            raise ConfigurationError(f"the server did not start on {host}:{port}")
         time.sleep(0.01)
     try:
-        yield f"http://{host}:{listener.getsockname()[1]}/webhook", app.state.applier
+        yield f"http://{host}:{listener.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -8,6 +8,7 @@ import typer
 
 from pagecast.cli.admin import contacts_app, db_app, demo, sandbox_app
 from pagecast.cli.jobs import job_app
+from pagecast.cli.serve import api_key_app, serve
 from pagecast.cli.sweep import sweep
 from pagecast.cli.webhook import webhook_app
 
@@ -17,5 +18,7 @@ app.add_typer(contacts_app, name="contacts")
 app.add_typer(job_app, name="job")
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(webhook_app, name="webhook")
+app.add_typer(api_key_app, name="api-key")
+app.command("serve")(serve)
 app.command("demo")(demo)
 app.command("sweep")(sweep)

@@ -1,0 +1,131 @@
+"""Live progress of a job as Server-Sent Events (``GET /v1/jobs/{id}/events``).
+
+One poller per watched job and server process reads the job's row twice a second and hands each
+new snapshot to every viewer of that job, so viewers cost one primary-key read per half second
+whatever their number, and the sender nothing (reads never wait for its writes). Polling was
+chosen over ``LISTEN/NOTIFY``: a notification per recorder flush would be a write on the
+sender's path for the sake of viewers.
+
+A viewer gets a ``counts`` event whenever the counts change and at least every second, and a final
+``end`` event when the job has ended (or is paused); the stream then closes. An event's id is the
+job's processed count (sent + failed + skipped + unknown), which only grows; a client that
+reconnects with ``Last-Event-ID`` is sent the current counts, never older ones.
+"""
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Depends, Request
+from fastapi.responses import StreamingResponse
+
+from pagecast import apikeys
+from pagecast.db import session_scope
+from pagecast.models import TERMINAL_JOB_STATUSES, ApiKey, JobStatus
+
+POLL_SECONDS = 0.5
+HEARTBEAT_SECONDS = 1.0
+_ENDED = TERMINAL_JOB_STATUSES | {JobStatus.PAUSED}
+_SNAPSHOT = sa.text(
+    "SELECT status, total, sent, failed, skipped, unknown, delivered, read FROM send_jobs "
+    "WHERE id = :job_id"
+)
+
+
+def _snapshot(engine: sa.Engine, job_id: uuid.UUID) -> dict[str, Any]:
+    with engine.connect() as connection:
+        row = connection.execute(_SNAPSHOT, {"job_id": job_id}).mappings().one()
+    snapshot = dict(row)
+    done = row["sent"] + row["failed"] + row["skipped"] + row["unknown"]
+    return snapshot | {"pending": row["total"] - done, "processed": done}
+
+
+class JobWatch:
+    """The latest snapshot of one job, renewed by one poller while anyone watches."""
+
+    def __init__(self, engine: sa.Engine, job_id: uuid.UUID) -> None:
+        self.viewers = 0
+        self.version = 0
+        self.latest: dict[str, Any] = {}
+        self._changed = asyncio.Condition()
+        self._poller = asyncio.create_task(self._poll(engine, job_id))
+
+    async def _poll(self, engine: sa.Engine, job_id: uuid.UUID) -> None:
+        while True:
+            snapshot = await asyncio.to_thread(_snapshot, engine, job_id)
+            if snapshot != self.latest:
+                async with self._changed:
+                    self.latest, self.version = snapshot, self.version + 1
+                    self._changed.notify_all()
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def after(self, seen: int, timeout: float) -> tuple[int, dict[str, Any]]:
+        """The snapshot after version ``seen``, or the latest after ``timeout`` seconds."""
+        async with self._changed:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.version > seen), timeout)
+            return self.version, self.latest
+
+    def stop(self) -> None:
+        self._poller.cancel()
+
+
+class Watches:
+    """The jobs watched in this process."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+        self._watches: dict[uuid.UUID, JobWatch] = {}
+
+    @asynccontextmanager
+    async def watch(self, job_id: uuid.UUID) -> AsyncIterator[JobWatch]:
+        watch = self._watches.get(job_id) or JobWatch(self._engine, job_id)
+        self._watches[job_id] = watch
+        watch.viewers += 1
+        try:
+            yield watch
+        finally:
+            watch.viewers -= 1
+            if not watch.viewers:
+                watch.stop()
+                del self._watches[job_id]
+
+
+def _event(kind: str, snapshot: dict[str, Any]) -> str:
+    return f"id: {snapshot['processed']}\nevent: {kind}\ndata: {json.dumps(snapshot)}\n\n"
+
+
+def events_endpoint(engine: sa.Engine, key: Callable[..., ApiKey]) -> Callable[..., Any]:
+    """The SSE endpoint, authenticated by the ``key`` dependency."""
+    watches = Watches(engine)
+
+    async def events(
+        job_id: uuid.UUID,
+        request: Request,
+        api_key: Annotated[ApiKey, Depends(key)],
+    ) -> StreamingResponse:
+        with session_scope(engine) as session:
+            apikeys.visible_job(session, api_key, job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            yield f"retry: {int(HEARTBEAT_SECONDS * 1000)}\n\n"
+            async with watches.watch(job_id) as watch:
+                seen = 0
+                while not await request.is_disconnected():
+                    seen, snapshot = await watch.after(seen, HEARTBEAT_SECONDS)
+                    if not snapshot:
+                        continue
+                    ended = snapshot["status"] in _ENDED
+                    yield _event("end" if ended else "counts", snapshot)
+                    if ended:
+                        return
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
+    return events
