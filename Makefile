@@ -42,3 +42,4 @@ bench: install
 	$(UV) run --frozen python -m benchmarks.many_pages
 	$(UV) run --frozen python -m benchmarks.send_scale
 	$(UV) run --frozen python -m benchmarks.webhook_load
+	$(UV) run --frozen python -m benchmarks.sse_viewers
