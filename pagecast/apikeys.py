@@ -56,8 +56,12 @@ def authenticate(session: Session, presented: str) -> ApiKey | None:
     stored = key.key_hash if key is not None else _DUMMY_HASH
     if not hmac.compare_digest(_hash(presented), stored) or key is None or key.revoked_at:
         return None
-    session.execute(
-        sa.text("UPDATE api_keys SET last_used_at = now() WHERE id = :id"), {"id": key.id}
+    session.execute(  # at most once a minute: many viewers connecting share one row
+        sa.text(
+            "UPDATE api_keys SET last_used_at = now() WHERE id = :id "
+            "AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')"
+        ),
+        {"id": key.id},
     )
     return key
 

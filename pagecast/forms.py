@@ -12,7 +12,9 @@ from pagecast import repo
 from pagecast.audience import recipients_from_psids
 from pagecast.content import (
     MAX_BUTTON_TITLE,
+    MAX_BUTTONS,
     MAX_PAYLOAD,
+    MAX_QUICK_REPLIES,
     MAX_QUICK_REPLY_TITLE,
     MAX_URL,
     AttachmentType,
@@ -23,7 +25,10 @@ from pagecast.content import (
     make_quick_reply,
 )
 from pagecast.errors import InvalidField, InvalidInput
+from pagecast.models import MAX_TEXT_LENGTH, MessageTag, MessagingType
 from pagecast.validation import (
+    MAX_CONCURRENCY,
+    MAX_RATE_PER_SECOND,
     validate_concurrency,
     validate_idempotency_key,
     validate_message,
@@ -78,11 +83,35 @@ def _content(
     )
 
 
+class JobForm(BaseModel):
+    """A broadcast as the HTTP API takes it: the page, the message, the audience (PSIDs or
+    contact tags) and the pace."""
+
+    page_id: Annotated[str, Field(pattern=r"^[0-9]{1,32}$")]
+    text: Annotated[str | None, Field(max_length=MAX_TEXT_LENGTH)] = None
+    psids: list[str] = []
+    contact_tags: list[str] = []
+    match_all_tags: bool = False
+    messaging_type: MessagingType = MessagingType.UPDATE
+    tag: MessageTag | None = None
+    concurrency: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] = 50
+    rate_per_second: Annotated[float, Field(gt=0, le=MAX_RATE_PER_SECOND)] = 20.0
+    allow_high_volume: bool = False
+    scheduled_at: str | None = None
+    resend_unknown: bool = False
+    dry_run: bool = False
+    image_url: Annotated[str | None, Field(pattern=URL_PATTERN, max_length=MAX_URL)] = None
+    video_url: Annotated[str | None, Field(pattern=URL_PATTERN, max_length=MAX_URL)] = None
+    file_url: Annotated[str | None, Field(pattern=URL_PATTERN, max_length=MAX_URL)] = None
+    quick_replies: Annotated[list[QuickReplyField], Field(max_length=MAX_QUICK_REPLIES)] = []
+    buttons: Annotated[list[ButtonField], Field(max_length=MAX_BUTTONS)] = []
+
+
 def broadcast_request(
     *,
     page_id: str,
     text: str | None,
-    psids: str,
+    psids: str | list[str],
     contact_tags: list[str],
     messaging_type: str,
     tag: str | None,
@@ -101,8 +130,9 @@ def broadcast_request(
     scheduled_at: datetime | None = None,
 ) -> repo.JobRequest:
     """The broadcast's parameters checked with pagecast's rules, which the schema only approaches
-    (it counts text in code points, not UTF-16 units): a job request, or ``InvalidInput``."""
-    entries = [p for p in _SEPARATORS.split(psids) if p]
+    (it counts text in code points, not UTF-16 units): a job request, or ``InvalidInput``.
+    ``psids`` is the form's text (PSIDs separated by spaces, commas or lines) or a list."""
+    entries = [p for p in _SEPARATORS.split(psids) if p] if isinstance(psids, str) else psids
     if bool(entries) == bool(contact_tags):
         raise InvalidInput("audience: give either psids or contact_tags")
     return repo.JobRequest(

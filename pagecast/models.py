@@ -115,6 +115,7 @@ class SendJob(SQLModel, table=True):
         sa.CheckConstraint("concurrency > 0", name="concurrency_positive"),
         sa.CheckConstraint("rate_per_second > 0", name="rate_positive"),
         sa.Index("ix_send_jobs_status_scheduled_at", "status", "scheduled_at"),
+        sa.UniqueConstraint("page_id", "idempotency_key"),  # a key names one job per page
     )
 
     id: uuid.UUID = Field(
@@ -167,7 +168,8 @@ class SendJob(SQLModel, table=True):
     cancel_requested: bool = Field(
         default=False, sa_column=sa.Column(sa.Boolean, nullable=False, server_default=sa.false())
     )
-    idempotency_key: str | None = Field(default=None, sa_column=sa.Column(sa.Text, unique=True))
+    idempotency_key: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
+    request_fingerprint: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.Text))
     progress_at_claim: int = _counter()
     stalled_runs: int = _counter()

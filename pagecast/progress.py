@@ -7,41 +7,47 @@ chosen over ``LISTEN/NOTIFY``: a notification per recorder flush would be a writ
 sender's path for the sake of viewers.
 
 A viewer gets a ``counts`` event whenever the counts change and at least every second, and a final
-``end`` event when the job has ended (or is paused); the stream then closes. An event's id is the
-job's processed count (sent + failed + skipped + unknown), which only grows; a client that
-reconnects with ``Last-Event-ID`` is sent the current counts, never older ones.
+``end`` event when the job has ended (or is paused, or was deleted); the stream then closes. An
+event's id is the job's processed count (sent + failed + skipped + unknown). A client that
+reconnects with ``Last-Event-ID`` is sent the current counts, or 204 when the job has ended, which
+tells ``EventSource`` to stop reconnecting.
 """
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi import Depends, Header, Request
+from fastapi.responses import Response, StreamingResponse
 
-from pagecast import apikeys
+from pagecast import apikeys, repo
 from pagecast.db import session_scope
+from pagecast.errors import JobNotFound
 from pagecast.models import TERMINAL_JOB_STATUSES, ApiKey, JobStatus
+from pagecast.views import counts
 
+log = logging.getLogger("pagecast.api")
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 1.0
-_ENDED = TERMINAL_JOB_STATUSES | {JobStatus.PAUSED}
-_SNAPSHOT = sa.text(
-    "SELECT status, total, sent, failed, skipped, unknown, delivered, read FROM send_jobs "
-    "WHERE id = :job_id"
-)
+GONE = "gone"  # the status of a job deleted while watched
+_ENDED = TERMINAL_JOB_STATUSES | {JobStatus.PAUSED, GONE}
 
 
 def _snapshot(engine: sa.Engine, job_id: uuid.UUID) -> dict[str, Any]:
-    with engine.connect() as connection:
-        row = connection.execute(_SNAPSHOT, {"job_id": job_id}).mappings().one()
-    snapshot = dict(row)
-    done = row["sent"] + row["failed"] + row["skipped"] + row["unknown"]
-    return snapshot | {"pending": row["total"] - done, "processed": done}
+    """The job's status and counts, as ``GET /v1/jobs/{id}`` gives them."""
+    with session_scope(engine) as session:
+        try:
+            progress = repo.job_progress(session, job_id=job_id)
+        except JobNotFound:
+            return {"status": GONE, "processed": 0}
+    job = progress.job
+    processed = job.sent + job.failed + job.skipped + job.unknown
+    return {"status": job.status, "processed": processed} | counts(job, progress.pending)
 
 
 class JobWatch:
@@ -56,7 +62,12 @@ class JobWatch:
 
     async def _poll(self, engine: sa.Engine, job_id: uuid.UUID) -> None:
         while True:
-            snapshot = await asyncio.to_thread(_snapshot, engine, job_id)
+            try:
+                snapshot = await asyncio.to_thread(_snapshot, engine, job_id)
+            except sa.exc.DBAPIError as error:  # an outage: viewers keep the last counts
+                log.warning("reading job %s for its viewers failed: %s", job_id, error.orig)
+                await asyncio.sleep(POLL_SECONDS)
+                continue
             if snapshot != self.latest:
                 async with self._changed:
                     self.latest, self.version = snapshot, self.version + 1
@@ -95,6 +106,11 @@ class Watches:
                 del self._watches[job_id]
 
 
+def _check_visible(engine: sa.Engine, api_key: ApiKey, job_id: uuid.UUID) -> None:
+    with session_scope(engine) as session:
+        apikeys.visible_job(session, api_key, job_id)
+
+
 def _event(kind: str, snapshot: dict[str, Any]) -> str:
     return f"id: {snapshot['processed']}\nevent: {kind}\ndata: {json.dumps(snapshot)}\n\n"
 
@@ -107,9 +123,13 @@ def events_endpoint(engine: sa.Engine, key: Callable[..., ApiKey]) -> Callable[.
         job_id: uuid.UUID,
         request: Request,
         api_key: Annotated[ApiKey, Depends(key)],
-    ) -> StreamingResponse:
-        with session_scope(engine) as session:
-            apikeys.visible_job(session, api_key, job_id)
+        last_event_id: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        await asyncio.to_thread(_check_visible, engine, api_key, job_id)
+        if last_event_id is not None:
+            status = (await asyncio.to_thread(_snapshot, engine, job_id))["status"]
+            if status in _ENDED:  # the end was sent: 204 stops EventSource reconnecting
+                return Response(status_code=204)
 
         async def stream() -> AsyncIterator[str]:
             yield f"retry: {int(HEARTBEAT_SECONDS * 1000)}\n\n"

@@ -50,9 +50,10 @@ class JobRequest:
     audience: ParsedRecipients | TagFilter
     concurrency: int
     rate_per_second: float
-    idempotency_key: str | None = None
+    idempotency_key: str | None = None  # names one job of the page
     resend_unknown: bool = False
     scheduled_at: datetime | None = None
+    fingerprint: str | None = None  # the whole request's, when its maker compares them
 
 
 @dataclass
@@ -95,20 +96,25 @@ def _raw(session: Session) -> Any:
 
 def _matches(job: SendJob, request: JobRequest) -> list[str]:
     wanted = {
-        "page_id": request.page_id,
         "text": request.message.text,
         "content": request.message.content.to_json(),
         "messaging_type": request.message.messaging_type,
         "tag": request.message.tag,
     }
-    return [name for name, value in wanted.items() if getattr(job, name) != value]
+    differing = [name for name, value in wanted.items() if getattr(job, name) != value]
+    fingerprints = (job.request_fingerprint, request.fingerprint)
+    if None not in fingerprints and fingerprints[0] != fingerprints[1]:
+        differing.append("request (audience, pace or schedule)")
+    return differing
 
 
 def _existing(session: Session, request: JobRequest) -> CreatedJob | None:
     if request.idempotency_key is None:
         return None
     job = session.exec(
-        select(SendJob).where(SendJob.idempotency_key == request.idempotency_key)
+        select(SendJob).where(
+            SendJob.page_id == request.page_id, SendJob.idempotency_key == request.idempotency_key
+        )
     ).first()
     if job is None:
         return None
@@ -129,6 +135,7 @@ def _insert_job(session: Session, request: JobRequest) -> uuid.UUID | None:
         "concurrency": request.concurrency,
         "rate_per_second": request.rate_per_second,
         "idempotency_key": request.idempotency_key,
+        "request_fingerprint": request.fingerprint,
         "resend_unknown": request.resend_unknown,
     }
     if request.scheduled_at is not None:
@@ -136,7 +143,7 @@ def _insert_job(session: Session, request: JobRequest) -> uuid.UUID | None:
     statement = (
         pg_insert(SendJob)
         .values(**values)
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .on_conflict_do_nothing(index_elements=["page_id", "idempotency_key"])
         .returning(SendJob.id)
     )
     return session.execute(statement).scalar_one_or_none()

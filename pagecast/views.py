@@ -1,5 +1,6 @@
 """What the HTTP API shows of a job, and how it slows down key guessing."""
 
+import threading
 import time
 from collections import defaultdict, deque
 from typing import Any
@@ -69,20 +70,24 @@ def job_view(progress: JobProgress) -> dict[str, Any]:
 
 
 class FailedAttempts:
-    """Failed authentications per client: more than ``FAILURES_ALLOWED`` in
-    ``FAILURE_WINDOW_SECONDS`` blocks the client until the window has passed."""
+    """Failed authentications per client. A client over ``FAILURES_ALLOWED`` within
+    ``FAILURE_WINDOW_SECONDS`` is answered 429 instead of 401 until the window has passed; a valid
+    key is never refused, so nobody can lock others out by failing from their address."""
 
     def __init__(self) -> None:
         self._failures: defaultdict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
 
-    def _recent(self, client: str) -> deque[float]:
-        failures, now = self._failures[client], time.monotonic()
-        while failures and now - failures[0] > FAILURE_WINDOW_SECONDS:
-            failures.popleft()
-        return failures
-
-    def blocked(self, client: str) -> bool:
-        return len(self._recent(client)) >= FAILURES_ALLOWED
-
-    def failed(self, client: str) -> None:
-        self._recent(client).append(time.monotonic())
+    def failed(self, client: str) -> bool:
+        """Count a failure; whether the client is now over the limit."""
+        now = time.monotonic()
+        with self._lock:
+            for known in [
+                c for c, f in self._failures.items() if now - f[-1] > FAILURE_WINDOW_SECONDS
+            ]:
+                del self._failures[known]
+            failures = self._failures[client]
+            while failures and now - failures[0] > FAILURE_WINDOW_SECONDS:
+                failures.popleft()
+            failures.append(now)
+            return len(failures) > FAILURES_ALLOWED

@@ -207,7 +207,7 @@ def _store(engine: sa.Engine, events: list[Any]) -> int:
 
 def serve(app: FastAPI, *, host: str, port: int) -> None:
     """Serve ``app`` in the foreground until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 @contextmanager
@@ -229,7 +229,8 @@ def serving(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0) -> Iterator
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [listener]}, name="pagecast-webhook", daemon=True
     )

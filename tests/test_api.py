@@ -65,13 +65,29 @@ def test_requests_without_a_valid_key_get_401(server, engine):
     )
 
 
-def test_failed_attempts_are_rate_limited(server, engine):
+def test_failed_attempts_are_rate_limited_without_locking_valid_keys_out(server, engine):
     key = _key(engine)
-    for _ in range(10):
-        assert httpx.get(f"{server}/jobs", headers={"Authorization": "Bearer x"}).status_code == 401
+    wrong = {"Authorization": "Bearer pck_" + "1" * 12 + "_" + "B" * 43}
+    answers = [httpx.get(f"{server}/jobs", headers=wrong).status_code for _ in range(12)]
+    assert answers == [401] * 10 + [429] * 2
     assert (
-        httpx.get(f"{server}/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 429
+        httpx.get(f"{server}/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     )
+
+
+def test_no_body_is_read_without_a_key_and_routing_errors_are_problems(server, client):
+    garbage = httpx.post(f"{server}/jobs", content=b"{" * 100)  # no key: refused unread
+    assert garbage.status_code == 401 and garbage.headers["content-type"] == PROBLEM
+    big = client.post(
+        "/jobs", content=b" " * 2_000_001, headers={"Content-Type": "application/json"}
+    )
+    assert big.status_code == 413 and big.json()["limit"] == 2_000_000
+    for answer in (client.get("/nowhere"), client.delete("/jobs"), client.get("/jobs/not-a-uuid")):
+        assert answer.headers["content-type"] == PROBLEM, answer.text
+        assert answer.status_code in (404, 405, 422)
+    assert client.get("/jobs/not-a-uuid").json()["field"] == "job_id"
+    assert client.get("/jobs", params={"cursor": "garbage"}).json()["field"] == "cursor"
+    assert client.get("/jobs", params={"limit": 1000}).json()["limit"] == 100
 
 
 def test_create_read_list_and_act_on_a_job(client, engine):
@@ -83,7 +99,8 @@ def test_create_read_list_and_act_on_a_job(client, engine):
     assert client.get(f"/jobs/{job['id']}").json()["counts"] == job["counts"]
 
     assert client.post(f"/jobs/{job['id']}/pause").json()["status"] == "paused"
-    assert client.post(f"/jobs/{job['id']}/resume").json()["status"] == "pending"
+    resumed = client.post(f"/jobs/{job['id']}/resume").json()
+    assert (resumed["status"], resumed["started"]) == ("pending", False)
     assert client.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
     again = client.post(f"/jobs/{job['id']}/cancel")
     assert again.status_code == 409 and again.headers["content-type"] == PROBLEM
@@ -107,7 +124,11 @@ def test_an_idempotency_key_gives_the_same_job_and_refuses_another_body(client, 
     assert first.json()["id"] == again.json()["id"] and again.json()["created"] is False
     other = client.post("/jobs", json=BODY | {"text": "other"}, headers=headers)
     assert other.status_code == 409 and "text" in other.json()["detail"]
-    assert _jobs(engine) == 1
+    audience = client.post("/jobs", json=BODY | {"psids": ["1001"]}, headers=headers)
+    assert audience.status_code == 409 and "audience" in audience.json()["detail"]
+    elsewhere = client.post("/jobs", json=BODY | {"page_id": OTHER_PAGE}, headers=headers)
+    assert elsewhere.status_code == 201  # a key names one job per page
+    assert _jobs(engine) == 2
 
 
 def test_a_key_limited_to_a_page_sees_nothing_of_the_others(server, engine, client):
@@ -122,6 +143,8 @@ def test_a_key_limited_to_a_page_sees_nothing_of_the_others(server, engine, clie
         assert mine.get("/jobs", params={"page_id": OTHER_PAGE}).json()["jobs"] == []
         refused = mine.post("/jobs", json=BODY | {"page_id": OTHER_PAGE})
         assert refused.status_code == 422 and refused.json()["field"] == "page_id"
+        for act in ("pause", "resume", "retry"):
+            assert mine.post(f"/jobs/{elsewhere['id']}/{act}").status_code == 404
     assert job_row(engine, elsewhere["id"]).status == "pending"
 
 
@@ -137,6 +160,7 @@ BAD_BODIES = {
     "concurrency 0": ({"concurrency": 0}, "concurrency"),
     "page id with letters": ({"page_id": "abc"}, "page_id"),
     "a PSID with letters": ({"psids": ["1001", "12a"]}, None),
+    "two PSIDs in one entry": ({"psids": ["1001 1002"]}, None),
     "tag without MESSAGE_TAG": ({"tag": "HUMAN_AGENT"}, "tag"),
     "MESSAGE_TAG without tag": ({"messaging_type": "MESSAGE_TAG"}, "tag"),
     "schedule in the past": ({"scheduled_at": "2020-01-01T00:00:00Z"}, "scheduled_at"),
@@ -223,3 +247,33 @@ async def test_progress_streams_while_the_job_sends(server, engine, database_url
     last = events[-1][1]
     assert last["status"] == final["status"] == "completed"
     assert {k: last[k] for k in final["counts"]} == final["counts"]
+    for name in ("sent", "failed", "skipped", "unknown"):
+        series = [data[name] for _, data in events]
+        assert series == sorted(series), name
+    async with httpx.AsyncClient(base_url=server, headers=headers) as client:
+        again = await client.get(f"/jobs/{job['id']}/events", headers={"Last-Event-ID": "600"})
+    assert again.status_code == 204  # EventSource stops reconnecting to an ended job
+
+
+def test_a_successful_retry_reopens_the_failures(client, engine):
+    job = client.post("/jobs", json=BODY).json()
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE send_job_recipients SET status = 'failed', retryable = true "
+                "WHERE job_id = :id"
+            ),
+            {"id": job["id"]},
+        )
+        connection.execute(
+            sa.text(
+                "UPDATE send_jobs SET status = 'completed_with_errors', failed = 3 WHERE id = :id"
+            ),
+            {"id": job["id"]},
+        )
+    retried = client.post(f"/jobs/{job['id']}/retry").json()
+    assert (retried["status"], retried["counts"]["pending"], retried["counts"]["failed"]) == (
+        "pending",
+        3,
+        0,
+    )
