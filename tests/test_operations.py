@@ -462,3 +462,28 @@ def test_one_worker_sends_ten_jobs_on_ten_pages_at_their_rates(ops, record_prope
         )
 
     assert peak_of_runs(2000) <= 1.5 * peak_of_runs(200)
+
+
+def test_a_job_created_over_the_http_api_is_sent_by_the_worker(ops, monkeypatch, tmp_path):
+    """POST /v1/jobs starts send-job on the running stack; the worker sends it, once."""
+    from pagecast import apikeys, db
+    from pagecast.settings import Settings
+    from pagecast.webhook_app import create_server, serving
+
+    monkeypatch.setenv("PREFECT_API_URL", ops.stack.api_url)
+    settings = Settings(database_url=ops.env["PAGECAST_DATABASE_URL"], home=tmp_path)
+    with db.session_scope(ops.engine) as session:
+        _, key = apikeys.create_key(session, name="stack-test")
+    text = "Sent over the API"
+    body = {"page_id": PAGE, "text": text, "psids": [str(7100 + i) for i in range(40)]}
+    headers = {"Authorization": f"Bearer {key}"}
+    with sweeps_paused(ops), serving(create_server(settings, ops.engine)) as url:
+        answer = httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=60)
+        assert answer.status_code == 201, answer.text
+        job = answer.json()
+        assert job["started"] is True, job
+        job_id = uuid.UUID(job["id"])
+        ops.wait_for(lambda: job_row(ops.engine, job_id).status == "completed", "the job's run")
+    sent_once(ops, job_id, text, 40)
+    (run,) = ops.send_job_runs(job_id)
+    assert run["id"] == job["flow_run_id"]
