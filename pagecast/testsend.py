@@ -13,7 +13,6 @@ from sqlmodel import Session
 
 from pagecast import repo
 from pagecast.audience import recipients_from_psids
-from pagecast.chunks import TEXT_TOO_LONG
 from pagecast.content import Content
 from pagecast.errors import (
     AmbiguousDelivery,
@@ -25,6 +24,7 @@ from pagecast.errors import (
 from pagecast.graph import GraphClient, client_factory
 from pagecast.models import JobStatus, JobTestSend, SendJob, TestSendStatus
 from pagecast.ratelimit import Pacer
+from pagecast.sender import TEXT_TOO_LONG
 from pagecast.settings import Settings
 from pagecast.text import text_length
 from pagecast.validation import render_text, text_limit

@@ -43,7 +43,6 @@ from hypothesis.stateful import (
 from sqlmodel import Session
 
 from pagecast import commands, db, lifecycle, recipients
-from pagecast.chunks import TEXT_TOO_LONG
 from pagecast.errors import (
     AmbiguousDelivery,
     JobStateConflict,
@@ -56,6 +55,7 @@ from pagecast.leases import Lease
 from pagecast.lifecycle import Recovery
 from pagecast.models import TERMINAL_JOB_STATUSES, JobStatus, RecipientStatus
 from pagecast.recipients import CANCELLED_REASON, IN_FLIGHT_KEY, Outcome
+from pagecast.sender import TEXT_TOO_LONG
 from tests.engine import create_job
 
 T = TypeVar("T")
