@@ -18,9 +18,9 @@ from pagecast import db, repo, webhooks
 from pagecast.audience import read_contacts
 from pagecast.models import SendJob
 from pagecast.sandbox import Sandbox, SandboxConfig, running_sandbox
+from pagecast.server import running_receiver
 from pagecast.settings import Settings
 from pagecast.validation import validate_message
-from pagecast.webhook_app import running_receiver
 
 DEMO_PAGE_ID = "100000000000001"
 DEMO_TOKEN = "demo-page-token"

@@ -1,4 +1,5 @@
-"""The Messenger webhook receiver: an ASGI app (FastAPI) served by ``pagecast webhook serve``.
+"""The Messenger webhook receiver: an ASGI app (FastAPI) served alone by ``pagecast webhook serve``
+or beside the job API by ``pagecast serve`` (``pagecast.server``).
 
 ``GET /webhook`` answers Meta's verification handshake; ``POST /webhook`` checks the body's size
 (413) and signature (403) before it reads the JSON (400), stores the events once and answers 200;
@@ -9,16 +10,13 @@ rejected since the start; ``GET /healthz`` says the process is up.
 
 import json
 import logging
-import socket
 import threading
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -121,24 +119,6 @@ async def _body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def create_server(settings: Settings, engine: sa.Engine) -> FastAPI:
-    """``pagecast serve``: the HTTP job API at ``/v1``, and the webhook receiver beside it when
-    the app secret and the verify token are set."""
-    from pagecast.api import create_api
-
-    if settings.app_secret and settings.webhook_verify_token:
-        app = create_app(settings, engine)
-    else:
-        app = FastAPI(title="pagecast", openapi_url=None)
-        app.get("/healthz")(_healthz)
-    app.mount("/v1", create_api(settings, engine))
-    return app
-
-
-def _healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
 def create_app(settings: Settings, engine: sa.Engine) -> FastAPI:
     """The receiver for ``settings``; ``ConfigurationError`` without the app secret and the
     verify token."""
@@ -194,7 +174,7 @@ def create_app(settings: Settings, engine: sa.Engine) -> FastAPI:
     def stats() -> dict[str, Any]:
         return {"received": dict(counts), "applied": dict(applier.totals)}
 
-    app.get("/healthz")(_healthz)
+    app.get("/healthz")(healthz)
 
     app.state.applier = applier
     return app
@@ -205,43 +185,5 @@ def _store(engine: sa.Engine, events: list[Any]) -> int:
         return store(session, events)
 
 
-def serve(app: FastAPI, *, host: str, port: int) -> None:
-    """Serve ``app`` in the foreground until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-
-
-@contextmanager
-def running_receiver(
-    settings: Settings, engine: sa.Engine, *, host: str = "127.0.0.1", port: int = 0
-) -> Iterator[tuple[str, EventApplier]]:
-    """Serve the receiver on ``port`` (0: a free one) in a background thread; yields its
-    ``/webhook`` URL and its event applier."""
-    app = create_app(settings, engine)
-    with serving(app, host=host, port=port) as url:
-        yield f"{url}/webhook", app.state.applier
-
-
-@contextmanager
-def serving(app: FastAPI, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve ``app`` on ``port`` (0: a free one) in a background thread; yields its base URL."""
-    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that name it, and without it
-    # every keep-alive answer waited ~40 ms for a delayed ACK.
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [listener]}, name="pagecast-webhook", daemon=True
-    )
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise ConfigurationError(f"the server did not start on {host}:{port}")
-        time.sleep(0.01)
-    try:
-        yield f"http://{host}:{listener.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        listener.close()
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}

@@ -9,8 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 from pagecast import apikeys, db
+from pagecast.server import create_server, serving
 from pagecast.settings import Settings
-from pagecast.webhook_app import create_server, serving
 from tests.engine import PAGE, job_row, make_settings, run_job
 
 OTHER_PAGE = "900800700"

@@ -467,8 +467,8 @@ def test_one_worker_sends_ten_jobs_on_ten_pages_at_their_rates(ops, record_prope
 def test_a_job_created_over_the_http_api_is_sent_by_the_worker(ops, monkeypatch, tmp_path):
     """POST /v1/jobs starts send-job on the running stack; the worker sends it, once."""
     from pagecast import apikeys, db
+    from pagecast.server import create_server, serving
     from pagecast.settings import Settings
-    from pagecast.webhook_app import create_server, serving
 
     monkeypatch.setenv("PREFECT_API_URL", ops.stack.api_url)
     settings = Settings(database_url=ops.env["PAGECAST_DATABASE_URL"], home=tmp_path)

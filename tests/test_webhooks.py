@@ -14,8 +14,8 @@ from benchmarks.webhook_load import load_while_sending, lost_or_twice, wait_sett
 from pagecast import db, repo, webhooks
 from pagecast.audience import read_contacts
 from pagecast.models import SendJobRecipient
+from pagecast.server import running_receiver
 from pagecast.settings import Settings
-from pagecast.webhook_app import running_receiver
 from tests.engine import (
     PAGE,
     assert_counters_match_rows,

@@ -26,8 +26,8 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
 ) -> None:
     """Serve the HTTP job API at /v1 (and Meta's webhooks at /webhook when configured)."""
-    from pagecast.webhook_app import create_server
-    from pagecast.webhook_app import serve as run
+    from pagecast.server import create_server
+    from pagecast.server import serve as run
 
     settings = load_settings()
     app = create_server(settings, db.get_engine(settings))

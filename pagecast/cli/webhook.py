@@ -21,7 +21,8 @@ def webhook_serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
 ) -> None:
     """Receive Meta's webhook events at /webhook: delivery and read receipts, messages, opt-outs."""
-    from pagecast.webhook_app import create_app, serve
+    from pagecast.server import serve
+    from pagecast.webhook_app import create_app
 
     settings = load_settings()
     app = create_app(settings, db.get_engine(settings))  # the secrets first, then the database
