@@ -12,7 +12,9 @@ import typer
 from rich.console import Console
 
 from pagecast.errors import ConfigurationError, InvalidInput, PagecastError
+from pagecast.models import SendJob
 from pagecast.settings import Settings
+from pagecast.text import text_length
 
 stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)
@@ -52,6 +54,12 @@ def load_settings() -> Settings:
                 f"PAGECAST_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
             )
         ) from None
+
+
+def job_dict(job: SendJob) -> dict[str, Any]:
+    """A job as ``--json`` prints it: every column but the text, which gives its length."""
+    length = text_length(job.text) if job.text is not None else 0
+    return job.model_dump(mode="json", exclude={"text"}) | {"text_length": length}
 
 
 def print_json(value: Any) -> None:
