@@ -10,12 +10,14 @@ A viewer gets a ``counts`` event whenever the counts change and at least every s
 ``end`` event when the job has ended (or is paused, or was deleted); the stream then closes. An
 event's id is the job's processed count (sent + failed + skipped + unknown). A client that
 reconnects with ``Last-Event-ID`` is sent the current counts, or 204 when the job has ended, which
-tells ``EventSource`` to stop reconnecting.
+tells ``EventSource`` to stop reconnecting. A stream whose key is revoked closes within
+``KEY_CHECK_SECONDS``.
 """
 
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -34,6 +36,7 @@ from pagecast.views import counts
 log = logging.getLogger("pagecast.api")
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 1.0
+KEY_CHECK_SECONDS = 10.0  # an open stream stops within this long of its key's revocation
 GONE = "gone"  # the status of a job deleted while watched
 _ENDED = TERMINAL_JOB_STATUSES | {JobStatus.PAUSED, GONE}
 
@@ -106,6 +109,14 @@ class Watches:
                 del self._watches[job_id]
 
 
+def _revoked(engine: sa.Engine, api_key: ApiKey) -> bool:
+    with engine.connect() as connection:
+        revoked = connection.execute(
+            sa.text("SELECT revoked_at FROM api_keys WHERE id = :id"), {"id": api_key.id}
+        ).scalar_one_or_none()
+    return revoked is not None
+
+
 def _check_visible(engine: sa.Engine, api_key: ApiKey, job_id: uuid.UUID) -> None:
     with session_scope(engine) as session:
         apikeys.visible_job(session, api_key, job_id)
@@ -134,8 +145,12 @@ def events_endpoint(engine: sa.Engine, key: Callable[..., ApiKey]) -> Callable[.
         async def stream() -> AsyncIterator[str]:
             yield f"retry: {int(HEARTBEAT_SECONDS * 1000)}\n\n"
             async with watches.watch(job_id) as watch:
-                seen = 0
+                seen, checked = 0, time.monotonic()
                 while not await request.is_disconnected():
+                    if time.monotonic() - checked > KEY_CHECK_SECONDS:
+                        if await asyncio.to_thread(_revoked, engine, api_key):
+                            return  # the key was revoked while it watched
+                        checked = time.monotonic()
                     seen, snapshot = await watch.after(seen, HEARTBEAT_SECONDS)
                     if not snapshot:
                         continue

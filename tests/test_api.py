@@ -8,7 +8,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from pagecast import apikeys, db
+from pagecast import apikeys, db, progress
 from pagecast.server import create_server, serving
 from pagecast.settings import Settings
 from tests.engine import PAGE, job_row, make_settings, run_job
@@ -277,3 +277,17 @@ def test_a_successful_retry_reopens_the_failures(client, engine):
         3,
         0,
     )
+
+
+async def test_a_stream_closes_when_its_key_is_revoked(server, engine, monkeypatch):
+    monkeypatch.setattr(progress, "KEY_CHECK_SECONDS", 0.5)
+    key = _key(engine, "watcher")
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=server, headers=headers, timeout=30) as client:
+        job = (await client.post("/jobs", json=BODY)).json()  # pending: its stream never ends
+        watching = asyncio.create_task(_events(server, key, job["id"]))
+        await asyncio.sleep(1.5)
+        with db.session_scope(engine) as session:
+            apikeys.revoke_key(session, name_or_key_id="watcher")
+        events = await asyncio.wait_for(watching, 10)
+    assert events and {kind for kind, _ in events} == {"counts"}
