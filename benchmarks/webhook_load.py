@@ -35,7 +35,7 @@ from pagecast.runner import run_in_process
 from pagecast.sandbox_process import free_port, sandbox_process
 from pagecast.settings import Settings
 from pagecast.validation import validate_message
-from pagecast.webhooks import SIGNATURE_HEADER, signature, signature_valid, unapplied_count
+from pagecast.webhooks import SIGNATURE_HEADER, settled, signature, signature_valid
 
 PAGE = "100200300"
 _BATCH = 50
@@ -180,16 +180,8 @@ def _create_job(engine: sa.Engine, count: int) -> uuid.UUID:
 
 def wait_settled(engine: sa.Engine, receipts_waiting: Callable[[], int], timeout: float) -> None:
     """Wait until the sandbox has posted every receipt and the receiver applied every event."""
-    deadline = time.monotonic() + timeout
-    while receipts_waiting() or _unapplied(engine):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"receipts or events left after {timeout:g} s")
-        time.sleep(0.1)
-
-
-def _unapplied(engine: sa.Engine) -> int:
-    with db.session_scope(engine) as session:
-        return unapplied_count(session)
+    if not settled(engine, timeout=timeout, waiting_elsewhere=receipts_waiting):
+        raise TimeoutError(f"receipts or events left after {timeout:g} s")
 
 
 @contextmanager

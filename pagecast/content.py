@@ -157,29 +157,26 @@ def _checked_url(field: str, url: str) -> str:
     return url
 
 
-def _titled(field: str, title: str, limit: int) -> str:
-    title = title.strip()
-    check_storable(field, title)
-    if not title or text_length(title) > limit:
+def _bounded(field: str, what: str, value: str, limit: int) -> str:
+    """``value`` when storable and 1–``limit`` UTF-16 code units long; ``InvalidField`` else."""
+    check_storable(field, value)
+    length = text_length(value)
+    if not value or length > limit:
         raise InvalidField(
             field,
-            f"title {title[:40]!r} must be 1–{limit} characters (UTF-16 code units), "
-            f"got {text_length(title)}",
+            f"{what} must be 1–{limit} characters (UTF-16 code units), got {length}",
             limit=limit,
         )
-    return title
+    return value
+
+
+def _titled(field: str, title: str, limit: int) -> str:
+    title = title.strip()
+    return _bounded(field, f"title {title[:40]!r}", title, limit)
 
 
 def _payload(field: str, payload: str) -> str:
-    check_storable(field, payload)
-    if not payload or text_length(payload) > MAX_PAYLOAD:
-        raise InvalidField(
-            field,
-            f"payload must be 1–{MAX_PAYLOAD} characters (UTF-16 code units), "
-            f"got {text_length(payload)}",
-            limit=MAX_PAYLOAD,
-        )
-    return payload
+    return _bounded(field, "payload", payload, MAX_PAYLOAD)
 
 
 def make_quick_reply(title: str, payload: str | None = None) -> QuickReply:

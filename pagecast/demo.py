@@ -4,7 +4,6 @@ with delivery and read receipts coming back through the webhook receiver."""
 import csv
 import os
 import random
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,12 +103,9 @@ def demo_receipts(settings: Settings, engine: sa.Engine, sandbox: Sandbox) -> It
 def settle_receipts(engine: sa.Engine, sandbox: Sandbox, job_id: uuid.UUID) -> SendJob:
     """The job once the sandbox has posted its receipts and the receiver applied them (or after
     ``_RECEIPTS_WAIT_SECONDS``)."""
-    deadline = time.monotonic() + _RECEIPTS_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        with db.session_scope(engine) as session:
-            if not sandbox.receipts.waiting and not webhooks.unapplied_count(session):
-                break
-        time.sleep(0.2)
+    webhooks.settled(
+        engine, timeout=_RECEIPTS_WAIT_SECONDS, waiting_elsewhere=lambda: sandbox.receipts.waiting
+    )
     with db.session_scope(engine) as session:
         return repo.get_job(session, job_id=job_id)
 

@@ -45,7 +45,7 @@ def _snapshot(engine: sa.Engine, job_id: uuid.UUID) -> dict[str, Any]:
     """The job's status and counts, as ``GET /v1/jobs/{id}`` gives them."""
     with session_scope(engine) as session:
         try:
-            progress = repo.job_progress(session, job_id=job_id)
+            progress = repo.job_progress(session, job_id=job_id, errors=False)
         except JobNotFound:
             return {"status": GONE, "processed": 0}
     job = progress.job

@@ -16,13 +16,22 @@ from sqlmodel import Session
 
 OPTED_OUT_REASON = "contact_opted_out"
 
+REACH = "28 days"  # receipts reach the jobs of the page started this long before them
+
+
+def _reached_by(seen: str) -> str:
+    """The condition on job ``j`` for a receipt of the moment ``seen`` to reach it."""
+    return f"j.started_at <= {seen} AND j.started_at > {seen} - interval '{REACH}'"
+
+
 # Receipts (per page and PSID: the latest delivery and read watermarks) for rows that were sent
-# or are unknown, in jobs of the page started within 28 days before the watermark. Rows locked in
-# (job, psid) order; an unknown row that a receipt covers was delivered: it becomes sent.
+# or are unknown, in jobs the receipt reaches. Rows locked in (job, psid) order; an unknown row
+# that a receipt covers was delivered: it becomes sent.
 _RECEIPTS = sa.text(
-    """
+    f"""
     WITH ev AS (
-        SELECT page_id, psid, max(delivered) AS delivered, max(read) AS read
+        SELECT page_id, psid, max(delivered) AS delivered, max(read) AS read,
+               greatest(max(delivered), max(read)) AS seen
         FROM unnest(CAST(:page_ids AS text[]), CAST(:psids AS text[]),
                     CAST(:delivered AS timestamptz[]), CAST(:read AS timestamptz[]))
              AS e(page_id, psid, delivered, read)
@@ -30,12 +39,10 @@ _RECEIPTS = sa.text(
     ), picked AS (
         SELECT r.job_id, r.psid, r.status AS old, r.delivered_at IS NULL AS newly_delivered,
                COALESCE(r.read_at IS NULL AND r.attempted_at <= ev.read, false) AS newly_read,
-               greatest(ev.delivered, ev.read) AS seen, ev.read
-        FROM ev JOIN send_jobs j ON j.page_id = ev.page_id
-            AND j.started_at <= greatest(ev.delivered, ev.read)
-            AND j.started_at > greatest(ev.delivered, ev.read) - interval '28 days'
+               ev.seen, ev.read
+        FROM ev JOIN send_jobs j ON j.page_id = ev.page_id AND {_reached_by("ev.seen")}
         JOIN send_job_recipients r ON r.job_id = j.id AND r.psid = ev.psid
-        WHERE r.status IN ('sent', 'unknown') AND r.attempted_at <= greatest(ev.delivered, ev.read)
+        WHERE r.status IN ('sent', 'unknown') AND r.attempted_at <= ev.seen
           AND (r.delivered_at IS NULL OR (r.read_at IS NULL AND r.attempted_at <= ev.read))
         ORDER BY r.job_id, r.psid
         FOR UPDATE OF r
@@ -65,12 +72,11 @@ _RECEIPTS = sa.text(
 )
 # Receipts that find their recipient still claimed or sending (the answer not yet recorded).
 _IN_FLIGHT_RECEIPTS = sa.text(
-    """
+    f"""
     SELECT DISTINCT e.i FROM unnest(CAST(:page_ids AS text[]), CAST(:psids AS text[]),
                                     CAST(:seen AS timestamptz[])) WITH ORDINALITY
                          AS e(page_id, psid, seen, i)
-    JOIN send_jobs j ON j.page_id = e.page_id AND j.started_at <= e.seen
-        AND j.started_at > e.seen - interval '28 days'
+    JOIN send_jobs j ON j.page_id = e.page_id AND {_reached_by("e.seen")}
     JOIN send_job_recipients r ON r.job_id = j.id AND r.psid = e.psid
     WHERE r.status IN ('claimed', 'sending') AND r.attempted_at <= e.seen
     """

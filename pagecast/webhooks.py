@@ -11,7 +11,9 @@ applied in the transaction that applies it.
 import hashlib
 import hmac
 import json
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -268,3 +270,18 @@ def unapplied_count(session: Session) -> int:
     return session.execute(
         sa.text("SELECT count(*) FROM webhook_events WHERE applied_at IS NULL")
     ).scalar_one()
+
+
+def settled(
+    engine: sa.Engine, *, timeout: float, waiting_elsewhere: Callable[[], int] = lambda: 0
+) -> bool:
+    """Wait until every stored event is applied and ``waiting_elsewhere()`` (events not yet posted,
+    e.g. the sandbox's receipts) is 0; whether that happened within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Session(engine) as session:
+            if not waiting_elsewhere() and not unapplied_count(session):
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)

@@ -61,12 +61,7 @@ def post(url: str, body: bytes, *, secret: str = SECRET, **headers) -> httpx.Res
 
 
 def wait_applied(engine: sa.Engine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    with db.session_scope(engine) as session:
-        while webhooks.unapplied_count(session):
-            assert time.monotonic() < deadline, "stored webhook events were not applied"
-            session.rollback()
-            time.sleep(0.05)
+    assert webhooks.settled(engine, timeout=timeout), "stored webhook events were not applied"
 
 
 def stored_events(engine: sa.Engine) -> int:

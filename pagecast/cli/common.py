@@ -20,6 +20,10 @@ stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+HostOption = Annotated[
+    str, typer.Option(help="Address to listen on (behind a TLS reverse proxy in production).")
+]
+PortOption = Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")]
 
 
 def handles_errors(command: F) -> F:

@@ -7,7 +7,9 @@ from rich.table import Table
 
 from pagecast import apikeys, db
 from pagecast.cli.common import (
+    HostOption,
     JsonOption,
+    PortOption,
     handles_errors,
     load_settings,
     print_json,
@@ -20,10 +22,8 @@ api_key_app = typer.Typer(help="Keys of the HTTP job API.", no_args_is_help=True
 
 @handles_errors
 def serve(
-    host: Annotated[
-        str, typer.Option(help="Address to listen on (behind a TLS reverse proxy in production).")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8080,
 ) -> None:
     """Serve the HTTP job API at /v1 (and Meta's webhooks at /webhook when configured)."""
     from pagecast.server import create_server

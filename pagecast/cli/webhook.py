@@ -1,11 +1,9 @@
 """``pagecast webhook``: the Messenger webhook receiver."""
 
-from typing import Annotated
-
 import typer
 
 from pagecast import db
-from pagecast.cli.common import handles_errors, load_settings, stderr
+from pagecast.cli.common import HostOption, PortOption, handles_errors, load_settings, stderr
 
 webhook_app = typer.Typer(
     help="Messenger webhooks: receipts, replies, opt-outs.", no_args_is_help=True
@@ -15,10 +13,8 @@ webhook_app = typer.Typer(
 @webhook_app.command("serve")
 @handles_errors
 def webhook_serve(
-    host: Annotated[
-        str, typer.Option(help="Address to listen on (behind a TLS reverse proxy in production).")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8080,
 ) -> None:
     """Receive Meta's webhook events at /webhook: delivery and read receipts, messages, opt-outs."""
     from pagecast.server import serve
