@@ -12,11 +12,11 @@ install:
 		|| python3 -m pip install --quiet --user --break-system-packages uv
 	@$(UV) sync --frozen --quiet --compile-bytecode
 
-# One process: with two xdist workers (pytest -n 2 --dist loadfile) the suite took 11-12 min
-# instead of ~20, but two running stacks beside the crash matrix overloaded two cores and failed
-# 3 of 4 CI runs on timing (a Prefect server's 5-s database timeout, 1-s rate windows, a restart).
+# Two xdist workers, a test module each at a time; the two modules that drive the running stack
+# are one unit (tests/conftest.py), so one worker runs them on the session's one stack while the
+# other runs the rest.
 test: install
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest -n 2 --no-loadscope-reorder
 
 lint: install
 	$(UV) run --frozen ruff check .

@@ -25,16 +25,16 @@ from pagecast.sandbox import Sandbox, SandboxConfig, running_sandbox
 from pagecast.settings import normalize_database_url
 from tests.engine import admin_execute
 
-# The order modules start in under ``pytest -n``: first those that time the page's schedule
-# against the wall clock, while the machine is still quiet (a neighbour's thirty starting
-# processes have stretched their sub-second windows); then the slowest, so that no worker is left
-# with a long module at the end.
+# The modules that drive the session's one running stack, in order (the last kills its worker).
+# Under ``pytest -n`` one worker runs them all (``pytest_xdist_make_scheduler``).
+STACK_MODULES = ("test_operations.py", "test_stack_recovery.py")
+# Then the modules that time the page's schedule against the wall clock, then the slowest, so that
+# no worker is left with a long module at the end.
 FIRST_MODULES = (
+    *STACK_MODULES,
     "test_ratelimit.py",
     "test_engine.py",
     "test_send_api_faults.py",
-    "test_stack_recovery.py",
-    "test_operations.py",
     "test_crash_matrix.py",
 )
 
@@ -45,6 +45,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return FIRST_MODULES.index(name) if name in FIRST_MODULES else len(FIRST_MODULES)
 
     items.sort(key=rank)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under ``pytest -n``: a module at a time per worker, and the stack modules as one unit, in
+    collection order. (xdist's ``loadgroup`` would say so with markers, but it cannot rename
+    pytest 9.2's node ids.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "stack" if Path(module).name in STACK_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -156,9 +170,10 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ops(tmp_path_factory, server_url, template_database, prefect_server_url):
-    """A running stack (Prefect server, process worker, bootstrap) shared by one test module."""
+    """The session's running stack (Prefect server, process worker, bootstrap), shared by the
+    ``STACK_MODULES``."""
     from tests.stack import running_stack
 
     home = tmp_path_factory.mktemp("ops-home")

@@ -52,7 +52,9 @@ async def test_rate_is_held_per_page(engine, database_url, sandbox):
     finished = await run_job(engine, make_settings(database_url, url, chunk_size=30), job.id)
     assert finished.status == "completed"
     peak = state.stats()["pages"]["100200300"]["max_per_second"]
-    assert 17 <= peak <= 20
+    # The sandbox stamps arrivals in this process: on a loaded machine one late stamp moves a
+    # message into the next 1-s window, so the bound is 1.02 R plus that one message.
+    assert 17 <= peak <= int(20 * 1.02) + 1
 
 
 async def test_permanent_and_window_faults_end_completed_with_errors(engine, database_url, sandbox):

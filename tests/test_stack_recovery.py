@@ -9,6 +9,7 @@ import signal
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -36,15 +37,18 @@ from tests.stack import (
 
 @dataclass
 class Unattended:
-    """Jobs left for the scheduled sweep alone: one pending, one whose runner was killed."""
+    """Jobs left for the scheduled sweep alone, from ``since``: one pending, one whose runner was
+    killed."""
 
     pending: uuid.UUID
     killed: uuid.UUID
     in_flight_at_kill: int
+    since: datetime
 
 
 @pytest.fixture(scope="module")
 def unattended(ops) -> Unattended:
+    since = datetime.now(UTC)
     pending = create_job(ops.engine, 120, text="scheduled pickup").id
     ops.sandbox.configure(latency_ms=300)
     killed = create_job(ops.engine, 300, rate=40.0, concurrency=20, text="scheduled takeover").id
@@ -53,11 +57,17 @@ def unattended(ops) -> Unattended:
     ops.kill_run(job_row(ops.engine, killed).lease_owner)  # the run that holds the job
     in_flight = recipient_counts(ops.engine, killed).get("sending", 0)
     ops.sandbox.configure(latency_ms=0)
-    return Unattended(pending, killed, in_flight)
+    return Unattended(pending, killed, in_flight, since)
 
 
-def _only_scheduled_sweeps_ran(ops: Ops) -> None:
-    sweeps = ops.runs_of("sweep/sweep")
+def _only_scheduled_sweeps_ran(ops: Ops, unattended: Unattended) -> None:
+    """Every sweep run that started since the jobs were left was started by the schedule (the
+    session's stack ran sweeps by hand before)."""
+    sweeps = [
+        r
+        for r in ops.runs_of("sweep/sweep")
+        if r["start_time"] and datetime.fromisoformat(r["start_time"]) >= unattended.since
+    ]
     assert sweeps and all(r["auto_scheduled"] for r in sweeps)
     assert any(r["state"]["type"] == "COMPLETED" for r in sweeps)
 
@@ -67,7 +77,7 @@ def test_the_scheduled_sweep_starts_a_pending_job(ops, unattended):
     assert (finished.status, finished.sent, finished.attempt) == ("completed", 120, 1)
     delivered = ops.delivered_psids("scheduled pickup")
     assert len(delivered) == len(set(delivered)) == 120
-    _only_scheduled_sweeps_ran(ops)
+    _only_scheduled_sweeps_ran(ops, unattended)
 
 
 def test_the_scheduled_sweep_takes_over_a_killed_run(ops, unattended):
@@ -77,7 +87,7 @@ def test_the_scheduled_sweep_takes_over_a_killed_run(ops, unattended):
     assert finished.attempt == 2
     delivered = ops.delivered_psids("scheduled takeover")
     assert len(delivered) == len(set(delivered)) >= finished.sent
-    _only_scheduled_sweeps_ran(ops)
+    _only_scheduled_sweeps_ran(ops, unattended)
 
 
 def test_a_shard_supervisor_killed_mid_job_is_recovered_by_the_sweep(ops):
