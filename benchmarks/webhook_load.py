@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request, Response
 from pagecast import db, repo
 from pagecast.audience import recipients_from_psids
 from pagecast.runner import run_in_process
-from pagecast.sandbox_process import free_port, sandbox_process
+from pagecast.sandbox_process import free_port, sandbox_process, wait_answering
 from pagecast.settings import Settings
 from pagecast.validation import validate_message
 from pagecast.webhooks import SIGNATURE_HEADER, settled, signature, signature_valid
@@ -191,15 +191,7 @@ def _server(env: dict[str, str], *command: str) -> Iterator[str]:
     process = subprocess.Popen([sys.executable, "-m", *command, "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{' '.join(command)} did not start") from None
-                time.sleep(0.2)
+        wait_answering(f"{url}/healthz", process, what=" ".join(command))
         yield f"{url}/webhook"
     finally:
         process.terminate()

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
 
 from pagecast.db import ensure_database
 from pagecast.launch import STACK_FILE, stack_api_url
+from pagecast.sandbox_process import wait_answering
 from pagecast.settings import get_settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -118,20 +118,6 @@ def _spawn(args: list[str], *, log: Path, env: dict[str, str]) -> subprocess.Pop
         )
 
 
-def _wait_healthy(api_url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"prefect server exited; see {log}")
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"prefect server did not answer within {STARTUP_SECONDS:.0f} s; see {log}")
-
-
 def start_stack(
     home: Path,
     *,
@@ -161,7 +147,12 @@ def start_stack(
         env=env | {"PREFECT_API_DATABASE_CONNECTION_URL": database_url},
     )
     try:
-        _wait_healthy(f"{base}/api", server, server_log)
+        wait_answering(
+            f"{base}/api/health",
+            server,
+            what=f"prefect server (see {server_log})",
+            seconds=STARTUP_SECONDS,
+        )
     except BaseException:
         _stop_process(server.pid, signal.SIGTERM, group=True)
         raise

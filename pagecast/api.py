@@ -164,7 +164,7 @@ def create_api(settings: Settings, engine: sa.Engine) -> FastAPI:
                 limit=limit,
                 before=_after(cursor),
             )
-            views = [job_view(repo.job_progress(session, job_id=job.id)) for job in jobs]
+            views = [job_view(progress) for progress in repo.jobs_progress(session, jobs)]
         last = jobs[-1] if len(jobs) == limit else None
         return {"jobs": views, "next_cursor": _cursor(last.created_at, last.id) if last else None}
 

@@ -1,5 +1,7 @@
 """The Send API sandbox in a process of its own (``pagecast sandbox serve``), driven over its
-control endpoints: it stamps calls as they arrive however busy the sender's process is."""
+control endpoints: it stamps calls as they arrive however busy the sender's process is. Also the
+helpers of any server started in a process for a test or a benchmark: a free port, and waiting
+until it answers."""
 
 import contextlib
 import os
@@ -21,6 +23,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_answering(
+    url: str, process: subprocess.Popen, *, what: str, seconds: float = STARTUP_SECONDS
+) -> None:
+    """Return once a GET of ``url`` gets a 2xx answer; ``RuntimeError`` naming ``what`` when
+    ``process`` exits or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url, timeout=2).is_success:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer within {seconds:.0f} s")
+        time.sleep(0.2)
 
 
 def busiest(stamps: list[float], seconds: float) -> int:
@@ -63,15 +84,7 @@ def sandbox_process(ledger: Path, env: dict[str, str], *options: str) -> Iterato
         os.setpriority(os.PRIO_PROCESS, process.pid, -10)
     sandbox = SandboxProcess(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            try:
-                sandbox.stats()
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the sandbox did not start; see {log_path}") from None
-                time.sleep(0.2)
+        wait_answering(f"{sandbox.url}/__stats", process, what=f"the sandbox (its log: {log_path})")
         yield sandbox
     finally:
         process.terminate()

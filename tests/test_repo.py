@@ -84,6 +84,46 @@ def test_progress_mid_run_equals_the_rows_counted_by_status(engine):
     assert progress.pending == 4
 
 
+def test_a_page_of_jobs_gets_its_progress_in_two_statements(engine):
+    """The listed jobs' counts and errors equal each job's own, read in two statements however
+    many jobs are listed (was: two per job)."""
+    jobs = [
+        _create(engine, _request(recipients_from_psids([str(n) for n in range(1, 6)]))).job
+        for _ in range(3)
+    ]
+    with db.session_scope(engine) as session:
+        session.execute(
+            sa.text(
+                "UPDATE send_job_recipients SET status = CASE WHEN psid = '1' THEN 'failed' "
+                "ELSE 'sending' END, error_key = '551', error_message = 'gone' "
+                "WHERE job_id = :id AND psid IN ('1', '2')"
+            ),
+            {"id": jobs[1].id},
+        )
+        session.execute(
+            sa.text("UPDATE send_jobs SET failed = 1 WHERE id = :id"), {"id": jobs[1].id}
+        )
+    statements = []
+
+    def count(*statement) -> None:
+        statements.append(statement)
+
+    with Session(engine) as session:
+        one_by_one = [repo.job_progress(session, job_id=job.id) for job in jobs]
+        loaded = [session.get(SendJob, job.id) for job in jobs]
+        sa.event.listen(engine, "before_cursor_execute", count)
+        try:
+            listed = repo.jobs_progress(session, loaded)
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", count)
+    assert [(p.by_status, p.errors) for p in listed] == [
+        (p.by_status, p.errors) for p in one_by_one
+    ]
+    assert listed[1].by_status == {"pending": 3, "sending": 1, "failed": 1}
+    assert [e.key for e in listed[1].errors] == ["551"]
+    assert len(statements) == 2
+
+
 def test_idempotency_key_returns_the_existing_job(engine):
     first = _create(engine, _request(recipients_from_psids(["1", "2"]), key="launch-1"))
     again = _create(engine, _request(recipients_from_psids(["1", "2"]), key="launch-1"))
