@@ -35,6 +35,7 @@ from pagecast.runner import run_in_process
 from pagecast.sandbox_process import free_port, sandbox_process, wait_answering
 from pagecast.settings import Settings
 from pagecast.validation import validate_message
+from pagecast.webhook_app import healthz
 from pagecast.webhooks import SIGNATURE_HEADER, settled, signature, signature_valid
 
 PAGE = "100200300"
@@ -105,6 +106,7 @@ async def flood(url: str, secret: str, *, seconds: float, per_second: int) -> Fl
 def reference_app(secret: str) -> FastAPI:
     """A receiver that checks the signature and answers, storing nothing: the floor."""
     app = FastAPI(openapi_url=None)
+    app.get("/healthz")(healthz)
 
     @app.post("/webhook")
     async def receive(request: Request) -> Response:

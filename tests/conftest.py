@@ -47,10 +47,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Under ``pytest -n``: a module at a time per worker, and the stack modules as one unit, in
-    collection order. (xdist's ``loadgroup`` would say so with markers, but it cannot rename
-    pytest 9.2's node ids.)"""
+    """Under ``pytest -n`` (``--dist load``, its default): a module at a time per worker, and the
+    stack modules as one unit, in collection order. (xdist's ``loadgroup`` would say so with
+    markers, but it cannot rename pytest 9.2's node ids.) Another ``--dist`` is left as asked."""
+    if config.getvalue("dist") != "load":
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleScheduling(LoadScopeScheduling):
@@ -171,11 +174,22 @@ def prefect_harness() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def ops(tmp_path_factory, server_url, template_database, prefect_server_url):
-    """The session's running stack (Prefect server, process worker, bootstrap), shared by the
-    ``STACK_MODULES``."""
-    from tests.stack import running_stack
+def shared_stack(tmp_path_factory, server_url, template_database, prefect_server_url):
+    """The session's one running stack, started when a module first asks for it."""
+    from tests.stack import SharedStack, running_stack
 
     home = tmp_path_factory.mktemp("ops-home")
-    with running_stack(home, server_url, template_database, prefect_server_url) as ops:
-        yield ops
+    shared = SharedStack(
+        lambda: running_stack(home, server_url, template_database, prefect_server_url)
+    )
+    yield shared
+    shared.close()
+
+
+@pytest.fixture(scope="module")
+def ops(request: pytest.FixtureRequest, shared_stack):
+    """The running stack (Prefect server, process worker, bootstrap) the ``STACK_MODULES`` share;
+    the last of them stops it when it ends, so it takes no CPU from the modules after it."""
+    yield shared_stack.get()
+    if request.path.name == STACK_MODULES[-1]:
+        shared_stack.close()

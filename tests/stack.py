@@ -10,9 +10,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -91,8 +92,10 @@ class Ops:
             "POST", f"/deployments/{self.deployment_id(name)}/create_flow_run", json=body
         ).json()
 
-    def runs_of(self, name: str) -> list[dict]:
-        body = {"deployments": {"id": {"any_": [self.deployment_id(name)]}}}
+    def runs_of(self, name: str, started_after: datetime | None = None) -> list[dict]:
+        body: dict = {"deployments": {"id": {"any_": [self.deployment_id(name)]}}}
+        if started_after is not None:
+            body["flow_runs"] = {"start_time": {"after_": started_after.isoformat()}}
         return self.api("POST", "/flow_runs/filter", json=body).json()
 
     def send_job_runs(self, job_id) -> list[dict]:
@@ -194,6 +197,24 @@ def running_stack(
                 prefect_server_url, f"DROP DATABASE IF EXISTS prefect_{name} WITH (FORCE)"
             )
         assert not errors, "the Prefect server logged errors:\n" + "\n".join(errors)
+
+
+class SharedStack:
+    """A running stack started by the first ``get`` and stopped by ``close`` (which fails on any
+    ERROR its Prefect server logged)."""
+
+    def __init__(self, start: Callable[[], AbstractContextManager[Ops]]) -> None:
+        self._start = start
+        self._exits = ExitStack()
+        self._ops: Ops | None = None
+
+    def get(self) -> Ops:
+        if self._ops is None:
+            self._ops = self._exits.enter_context(self._start())
+        return self._ops
+
+    def close(self) -> None:
+        self._exits.close()
 
 
 _LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| ")

@@ -79,19 +79,21 @@ def test_sweep_starts_a_pending_job_once(ops):
 
 def test_cancelling_the_flow_run_cancels_the_job(ops):
     ops.sandbox.configure(latency_ms=100)
-    job = create_job(ops.engine, 300, rate=20.0, text="cancelled run")
-    ops.start("send-job/send-job", {"job_id": str(job.id)})
-    ops.wait_for(lambda: job_row(ops.engine, job.id).sent >= 10, "sending to start")
-    ops.api(
-        "POST",
-        f"/flow_runs/{job_row(ops.engine, job.id).lease_owner}/set_state",  # the holding run
-        json={"state": {"type": "CANCELLING"}, "force": True},
-    )
-    finished = ops.wait_for(
-        lambda: (j := job_row(ops.engine, job.id)).status == "cancelled" and j,
-        "the job to be cancelled",
-    )
-    ops.sandbox.configure(latency_ms=0)
+    try:
+        job = create_job(ops.engine, 300, rate=20.0, text="cancelled run")
+        ops.start("send-job/send-job", {"job_id": str(job.id)})
+        ops.wait_for(lambda: job_row(ops.engine, job.id).sent >= 10, "sending to start")
+        ops.api(
+            "POST",
+            f"/flow_runs/{job_row(ops.engine, job.id).lease_owner}/set_state",  # the holding run
+            json={"state": {"type": "CANCELLING"}, "force": True},
+        )
+        finished = ops.wait_for(
+            lambda: (j := job_row(ops.engine, job.id)).status == "cancelled" and j,
+            "the job to be cancelled",
+        )
+    finally:  # the next module shares the sandbox
+        ops.sandbox.configure(latency_ms=0)
     assert finished.sent < 300
     assert finished.sent + finished.unknown + finished.skipped == 300
     assert len(ops.delivered_psids("cancelled run")) == len(

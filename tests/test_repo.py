@@ -85,23 +85,36 @@ def test_progress_mid_run_equals_the_rows_counted_by_status(engine):
 
 
 def test_a_page_of_jobs_gets_its_progress_in_two_statements(engine):
-    """The listed jobs' counts and errors equal each job's own, read in two statements however
-    many jobs are listed (was: two per job)."""
+    """Each listed job gets its own counts and its errors, most frequent first, read in two
+    statements however many jobs are listed (was: two per job)."""
     jobs = [
         _create(engine, _request(recipients_from_psids([str(n) for n in range(1, 6)]))).job
         for _ in range(3)
     ]
+    moves = {  # job index: {psid: (status, error key)}
+        1: {
+            "1": ("failed", "551"),
+            "2": ("sending", None),
+            "3": ("failed", "100"),
+            "4": ("failed", "100"),
+        },
+        2: {"5": ("unknown", "http_502")},
+    }
     with db.session_scope(engine) as session:
+        for index, rows in moves.items():
+            for psid, (status, key) in rows.items():
+                session.execute(
+                    sa.text(
+                        "UPDATE send_job_recipients SET status = :status, error_key = :key, "
+                        "error_message = :key WHERE job_id = :id AND psid = :psid"
+                    ),
+                    {"status": status, "key": key, "id": jobs[index].id, "psid": psid},
+                )
         session.execute(
-            sa.text(
-                "UPDATE send_job_recipients SET status = CASE WHEN psid = '1' THEN 'failed' "
-                "ELSE 'sending' END, error_key = '551', error_message = 'gone' "
-                "WHERE job_id = :id AND psid IN ('1', '2')"
-            ),
-            {"id": jobs[1].id},
+            sa.text("UPDATE send_jobs SET failed = 3 WHERE id = :id"), {"id": jobs[1].id}
         )
         session.execute(
-            sa.text("UPDATE send_jobs SET failed = 1 WHERE id = :id"), {"id": jobs[1].id}
+            sa.text("UPDATE send_jobs SET unknown = 1 WHERE id = :id"), {"id": jobs[2].id}
         )
     statements = []
 
@@ -109,19 +122,23 @@ def test_a_page_of_jobs_gets_its_progress_in_two_statements(engine):
         statements.append(statement)
 
     with Session(engine) as session:
-        one_by_one = [repo.job_progress(session, job_id=job.id) for job in jobs]
         loaded = [session.get(SendJob, job.id) for job in jobs]
         sa.event.listen(engine, "before_cursor_execute", count)
         try:
             listed = repo.jobs_progress(session, loaded)
         finally:
             sa.event.remove(engine, "before_cursor_execute", count)
-    assert [(p.by_status, p.errors) for p in listed] == [
-        (p.by_status, p.errors) for p in one_by_one
-    ]
-    assert listed[1].by_status == {"pending": 3, "sending": 1, "failed": 1}
-    assert [e.key for e in listed[1].errors] == ["551"]
     assert len(statements) == 2
+    assert [p.by_status for p in listed] == [
+        {"pending": 5},
+        {"pending": 1, "sending": 1, "failed": 3},
+        {"pending": 4, "unknown": 1},
+    ]
+    assert [[(e.key, e.status, e.count) for e in p.errors] for p in listed] == [
+        [],
+        [("100", "failed", 2), ("551", "failed", 1)],
+        [("http_502", "unknown", 1)],
+    ]
 
 
 def test_idempotency_key_returns_the_existing_job(engine):

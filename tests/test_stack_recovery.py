@@ -63,11 +63,7 @@ def unattended(ops) -> Unattended:
 def _only_scheduled_sweeps_ran(ops: Ops, unattended: Unattended) -> None:
     """Every sweep run that started since the jobs were left was started by the schedule (the
     session's stack ran sweeps by hand before)."""
-    sweeps = [
-        r
-        for r in ops.runs_of("sweep/sweep")
-        if r["start_time"] and datetime.fromisoformat(r["start_time"]) >= unattended.since
-    ]
+    sweeps = ops.runs_of("sweep/sweep", started_after=unattended.since)
     assert sweeps and all(r["auto_scheduled"] for r in sweeps)
     assert any(r["state"]["type"] == "COMPLETED" for r in sweeps)
 
