@@ -12,11 +12,12 @@ install:
 		|| python3 -m pip install --quiet --user --break-system-packages uv
 	@$(UV) sync --frozen --quiet --compile-bytecode
 
-# Two xdist workers, a test module each at a time; the two modules that drive the running stack
-# are one unit (tests/conftest.py), so one worker runs them on the session's one stack while the
-# other runs the rest.
+# One process. `pytest -n 2` works (the two running-stack modules are one unit on one worker,
+# tests/conftest.py) and took 12-13 min instead of 17-20, but in 4 CI runs the PostgreSQL restart
+# test failed 3 times beside the other worker (a restarted embedded server the run never reached
+# again within 300 s, cause unknown) and a killed shard supervisor's run once completed first.
 test: install
-	$(UV) run --frozen pytest -n 2 --no-loadscope-reorder
+	$(UV) run --frozen pytest
 
 lint: install
 	$(UV) run --frozen ruff check .
