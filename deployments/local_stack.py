@@ -26,13 +26,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from pagecast.db import ensure_database
-from pagecast.launch import STACK_FILE, stack_api_url
+from pagecast.launch import STACK_FILE, is_process, process_started, stack_api_url
 from pagecast.sandbox_process import wait_answering
 from pagecast.settings import get_settings
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0
 STOP_SECONDS = 10.0
+POSTMASTER_PID_SECONDS = 5.0  # postmaster.pid holds the start in whole seconds, set after exec
 PREFECT_DATABASE = "prefect"
 PREFECT_PGDATA = "prefect-pgdata"
 # How often the worker asks for runs to start: Prefect's default, 10 s, delays a submitted job's
@@ -42,12 +43,15 @@ WORKER_QUERY_SECONDS = 1
 
 @dataclass
 class Stack:
-    """The background processes of a local stack."""
+    """The background processes of a local stack, each with its creation time: a later ``down``
+    signals no process that was given a recorded pid after the stack's own died."""
 
     api_url: str
     ui_url: str
     server_pid: int
+    server_started: float | None = None
     worker_pid: int | None = None
+    worker_started: float | None = None
 
 
 def has_pg_trgm(server_url: str) -> bool:
@@ -97,12 +101,14 @@ def embedded_prefect_server_url(pgdata: Path) -> str:
 
 def stop_embedded_prefect_server(pgdata: Path) -> None:
     """Stop the embedded PostgreSQL at ``pgdata`` if it runs: a fast shutdown (SIGINT) of the
-    postmaster its ``postmaster.pid`` names, waited for (never started to be stopped)."""
+    postmaster its ``postmaster.pid`` names (when that process started as the file says: the file
+    of a server that died outlives it), waited for (never started to be stopped)."""
     try:
-        postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
-    except (FileNotFoundError, IndexError, ValueError):
+        pid, _, started = (pgdata / "postmaster.pid").read_text().split("\n")[:3]
+        postmaster, started_at = int(pid), float(started)
+    except (FileNotFoundError, ValueError):
         return
-    _stop_process(postmaster, signal.SIGINT)
+    _stop_process(postmaster, signal.SIGINT, started=started_at, tolerance=POSTMASTER_PID_SECONDS)
 
 
 def _spawn(args: list[str], *, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -156,13 +162,19 @@ def start_stack(
     except BaseException:
         _stop_process(server.pid, signal.SIGTERM, group=True)
         raise
-    stack = Stack(api_url=f"{base}/api", ui_url=base, server_pid=server.pid)
+    stack = Stack(
+        api_url=f"{base}/api",
+        ui_url=base,
+        server_pid=server.pid,
+        server_started=process_started(server.pid),
+    )
     if worker:
         stack.worker_pid = _spawn(
             ["worker", "start", "--pool", "pagecast", "--type", "process"],
             log=home / "logs" / "prefect-worker.log",
             env=env,
         ).pid
+        stack.worker_started = process_started(stack.worker_pid)
     (home / STACK_FILE).write_text(json.dumps(asdict(stack)))
     return stack
 
@@ -182,10 +194,18 @@ def exited(pid: int) -> bool:
 
 
 def _stop_process(
-    pid: int, stop: signal.Signals, *, group: bool = False, grace_seconds: float = STOP_SECONDS
+    pid: int,
+    stop: signal.Signals,
+    *,
+    started: float | None = None,
+    tolerance: float = 0.05,
+    group: bool = False,
+    grace_seconds: float = STOP_SECONDS,
 ) -> None:
-    """Send ``stop`` to ``pid`` (with ``group``, to the process group it leads); SIGKILL if
-    ``pid`` outlives the grace."""
+    """Send ``stop`` to ``pid`` (with ``group``, to the process group it leads) unless it is not
+    the process created at ``started`` (``is_process``); SIGKILL if ``pid`` outlives the grace."""
+    if not is_process(pid, started, tolerance):
+        return
     send = os.killpg if group else os.kill
     try:
         send(pid, stop)
@@ -206,9 +226,12 @@ def stop_stack(home: Path) -> None:
     state = home / STACK_FILE
     if state.exists():
         stack = Stack(**json.loads(state.read_text()))
-        for pid in (stack.worker_pid, stack.server_pid):
+        for pid, started in (
+            (stack.worker_pid, stack.worker_started),
+            (stack.server_pid, stack.server_started),
+        ):
             if pid is not None:
-                _stop_process(pid, signal.SIGTERM, group=True)
+                _stop_process(pid, signal.SIGTERM, started=started, group=True)
         state.unlink()
     stop_embedded_prefect_server(home / PREFECT_PGDATA)
 

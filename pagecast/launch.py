@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import sqlalchemy as sa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -43,11 +44,26 @@ def stack_api_url(home: Path) -> str | None:
     if not state.is_file():
         return None
     stack = json.loads(state.read_text())
-    try:
-        os.kill(stack["server_pid"], 0)
-    except (ProcessLookupError, PermissionError):
+    if not is_process(stack["server_pid"], stack.get("server_started")):
         return None
     return str(stack["api_url"])
+
+
+def process_started(pid: int) -> float | None:
+    """When ``pid`` was created (seconds since the epoch), ``None`` when no such process runs."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def is_process(pid: int, started: float | None, tolerance: float = 0.05) -> bool:
+    """Whether ``pid`` runs and is the process created at ``started`` (any process with that pid
+    when ``started`` is unknown): a pid a file recorded may since belong to another process."""
+    created = process_started(pid)
+    if created is None:
+        return False
+    return started is None or abs(created - started) <= tolerance
 
 
 def prefect_api_url(settings: Settings) -> str | None:
