@@ -161,6 +161,8 @@ class Pacer:
     Thread-safe: one pacer may serve chunks in several threads, each with its own event loop.
     Reservations never exceed the sends announced with ``expect``; a release is never earlier
     than its slot on ``clock`` nor closer than one interval to the pacer's previous release.
+    The slots' lock is held while a reservation waits for the database (for as long as an outage
+    lasts), so an event loop never blocks on it; the count of announced sends has a lock of its own.
     """
 
     def __init__(
@@ -183,15 +185,18 @@ class Pacer:
         self._last_release = -math.inf
         self._paused_until = -math.inf
         self._lock = threading.Lock()
+        self._remaining_lock = threading.Lock()
         self._refill_failure: tuple[float, sa.exc.OperationalError] | None = None
 
     def expect(self, count: int) -> None:
         """Announce ``count`` more sends (a chunk's recipients, a retry)."""
-        with self._lock:
+        with self._remaining_lock:
             self._remaining += count
 
     def _refill_locked(self) -> None:
-        block = max(1, min(self._remaining, math.ceil(BLOCK_SECONDS / self._interval)))
+        with self._remaining_lock:
+            remaining = self._remaining
+        block = max(1, min(remaining, math.ceil(BLOCK_SECONDS / self._interval)))
         reservation = retrying(
             lambda: reserve(
                 self._engine, page_id=self._page_id, rate=self._rate, count=block, clock=self._clock
@@ -206,7 +211,8 @@ class Pacer:
         while self._slots:
             release_at = max(self._slots.popleft(), self._last_release + self._interval)
             if release_at >= self._clock() - self._interval:
-                self._remaining = max(0, self._remaining - 1)
+                with self._remaining_lock:
+                    self._remaining = max(0, self._remaining - 1)
                 self._last_release = release_at
                 return release_at
         return None

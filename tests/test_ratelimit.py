@@ -138,6 +138,42 @@ async def test_senders_waiting_on_a_reservation_that_gave_up_give_up_with_it(eng
     assert len(calls) <= 2 * 3  # a window of 0.3 s retries twice (0.1 s, 0.2 s): 3 calls
 
 
+def _wait_for_a_lock_wait(engine: sa.Engine) -> None:
+    """Until a session waits for a row lock (a statement of its own: the activity view is read
+    once per transaction)."""
+    deadline = time.monotonic() + 30
+    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+    while True:
+        with engine.connect() as connection:
+            if connection.execute(query).scalar():
+                return
+        assert time.monotonic() < deadline, "no session waited for a lock"
+        time.sleep(0.05)
+
+
+def test_announcing_sends_never_waits_for_a_reservation_stuck_on_the_database(engine):
+    """A reservation waiting on the database (its row locked here, as an outage would keep it
+    retrying) holds the slots' lock; announcing sends, which event loops do, must not wait for it
+    (it did: a run's loop froze for the whole outage, the test restarting its database too)."""
+    pacer = Pacer(engine, page_id=PAGE, rate=100.0)
+    reserve(engine, page_id=PAGE, rate=100.0, count=1)  # the page's row exists
+    with engine.connect() as blocker:
+        blocker.execute(
+            sa.text("SELECT 1 FROM page_send_rates WHERE page_id = :page FOR UPDATE"),
+            {"page": PAGE},
+        )
+        pacer.expect(1)
+        sender = threading.Thread(target=lambda: asyncio.run(pacer.wait_for_slot()))
+        sender.start()
+        _wait_for_a_lock_wait(engine)
+        announcer = threading.Thread(target=pacer.expect, args=(1,))
+        announcer.start()
+        announcer.join(timeout=5)
+        assert not announcer.is_alive()
+        blocker.rollback()
+    sender.join()
+
+
 def test_reservations_never_exceed_the_expected_sends(engine):
     rate = 100.0
     pacer = Pacer(engine, page_id=PAGE, rate=rate)
