@@ -21,6 +21,7 @@ import asyncio
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,7 +163,9 @@ class Pacer:
     Reservations never exceed the sends announced with ``expect``; a release is never earlier
     than its slot on ``clock`` nor closer than one interval to the pacer's previous release.
     The slots' lock is held while a reservation waits for the database (for as long as an outage
-    lasts), so an event loop never blocks on it; the count of announced sends has a lock of its own.
+    lasts), so an event loop never blocks on it, and only one caller per event loop waits for it
+    in a thread (the others wait in the loop: an outage must not take every thread of the loop's
+    executor); the count of announced sends has a lock of its own.
     """
 
     def __init__(
@@ -186,6 +189,10 @@ class Pacer:
         self._paused_until = -math.inf
         self._lock = threading.Lock()
         self._remaining_lock = threading.Lock()
+        self._gates_lock = threading.Lock()
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         self._refill_failure: tuple[float, sa.exc.OperationalError] | None = None
 
     def expect(self, count: int) -> None:
@@ -245,6 +252,17 @@ class Pacer:
         finally:
             self._lock.release()
 
+    async def _claim_from_loop(self) -> float:
+        """The next release time, waited for in a thread by one caller of this loop at a time."""
+        asked_at = self._clock()
+        with self._gates_lock:
+            gate = self._gates.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with gate:
+            release_at = self._claim_at_once()  # the caller before may have reserved enough
+            if release_at is None:
+                release_at = await asyncio.to_thread(self._claim, asked_at)
+            return release_at
+
     async def wait_for_slot(self) -> None:
         """Sleep until this caller's send slot (taken without a thread hop when one is at hand).
 
@@ -256,7 +274,7 @@ class Pacer:
         while True:
             release_at = self._claim_at_once()
             if release_at is None:
-                release_at = await asyncio.to_thread(self._claim, self._clock())
+                release_at = await self._claim_from_loop()
             while (delay := release_at - self._clock()) > 0:
                 await asyncio.sleep(delay)
             if release_at >= self._paused_until:

@@ -4,7 +4,9 @@ with time."""
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
@@ -151,17 +153,24 @@ def _wait_for_a_lock_wait(engine: sa.Engine) -> None:
         time.sleep(0.05)
 
 
-def test_announcing_sends_never_waits_for_a_reservation_stuck_on_the_database(engine):
-    """A reservation waiting on the database (its row locked here, as an outage would keep it
-    retrying) holds the slots' lock; announcing sends, which event loops do, must not wait for it
-    (it did: a run's loop froze for the whole outage, the test restarting its database too)."""
-    pacer = Pacer(engine, page_id=PAGE, rate=100.0)
+@contextmanager
+def _reservations_stuck(engine: sa.Engine) -> Iterator[None]:
+    """The page's row locked by another session, as an outage keeps a reservation retrying."""
     reserve(engine, page_id=PAGE, rate=100.0, count=1)  # the page's row exists
     with engine.connect() as blocker:
         blocker.execute(
             sa.text("SELECT 1 FROM page_send_rates WHERE page_id = :page FOR UPDATE"),
             {"page": PAGE},
         )
+        yield
+        blocker.rollback()
+
+
+def test_announcing_sends_never_waits_for_a_reservation_stuck_on_the_database(engine):
+    """A stuck reservation holds the slots' lock; announcing sends, which event loops do, must not
+    wait for it (it did: a run's loop froze for the whole outage)."""
+    pacer = Pacer(engine, page_id=PAGE, rate=100.0)
+    with _reservations_stuck(engine):
         pacer.expect(1)
         sender = threading.Thread(target=lambda: asyncio.run(pacer.wait_for_slot()))
         sender.start()
@@ -170,8 +179,34 @@ def test_announcing_sends_never_waits_for_a_reservation_stuck_on_the_database(en
         announcer.start()
         announcer.join(timeout=5)
         assert not announcer.is_alive()
-        blocker.rollback()
     sender.join()
+
+
+def test_senders_waiting_on_a_stuck_reservation_leave_their_loop_s_executor_free(engine):
+    """20 senders of one loop whose executor has 2 threads: one waits for the reservation in a
+    thread, the others in the loop, so other work of the loop still gets a thread (it did not:
+    the test restarting a run's database from that loop waited out the run's retry window)."""
+    pacer = Pacer(engine, page_id=PAGE, rate=100.0)
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+    running = threading.Thread(target=loop.run_forever)
+    running.start()
+
+    def in_loop(work):
+        return asyncio.run_coroutine_threadsafe(work, loop)
+
+    try:
+        with _reservations_stuck(engine):
+            pacer.expect(20)
+            senders = [in_loop(pacer.wait_for_slot()) for _ in range(20)]
+            _wait_for_a_lock_wait(engine)
+            assert in_loop(asyncio.to_thread(lambda: "ran")).result(timeout=5) == "ran"
+        for sender in senders:
+            sender.result(timeout=30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        running.join()
+        loop.close()
 
 
 def test_reservations_never_exceed_the_expected_sends(engine):
