@@ -12,12 +12,10 @@ install:
 		|| python3 -m pip install --quiet --user --break-system-packages uv
 	@$(UV) sync --frozen --quiet --compile-bytecode
 
-# One process. `pytest -n 2` works (the two running-stack modules are one unit on one worker,
-# tests/conftest.py) and took 12-13 min instead of 17-20, but in 4 CI runs the PostgreSQL restart
-# test failed 3 times beside the other worker (a restarted embedded server the run never reached
-# again within 300 s, cause unknown) and a killed shard supervisor's run once completed first.
+# Two xdist workers, each taking a test module at a time; one takes the two running-stack modules
+# as one unit on the session's one stack (tests/conftest.py). One process took 17-20 min.
 test: install
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest -n 2 --no-loadscope-reorder
 
 lint: install
 	$(UV) run --frozen ruff check .
