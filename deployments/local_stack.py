@@ -33,6 +33,7 @@ from pagecast.settings import get_settings
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0
 STOP_SECONDS = 10.0
+KILL_SECONDS = 5.0
 POSTMASTER_PID_SECONDS = 5.0  # postmaster.pid holds the start in whole seconds, set after exec
 PREFECT_DATABASE = "prefect"
 PREFECT_PGDATA = "prefect-pgdata"
@@ -203,7 +204,8 @@ def _stop_process(
     grace_seconds: float = STOP_SECONDS,
 ) -> None:
     """Send ``stop`` to ``pid`` (with ``group``, to the process group it leads) unless it is not
-    the process created at ``started`` (``is_process``); SIGKILL if ``pid`` outlives the grace."""
+    the process created at ``started`` (``is_process``); SIGKILL if ``pid`` outlives the grace, and
+    wait a little for it to be gone."""
     if not is_process(pid, started, tolerance):
         return
     send = os.killpg if group else os.kill
@@ -211,13 +213,20 @@ def _stop_process(
         send(pid, stop)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace_seconds
+    if _exits_within(pid, grace_seconds):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        send(pid, signal.SIGKILL)
+    _exits_within(pid, KILL_SECONDS)
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
     while not exited(pid):
         if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                send(pid, signal.SIGKILL)
-            return
+            return False
         time.sleep(0.05)
+    return True
 
 
 def stop_stack(home: Path) -> None:

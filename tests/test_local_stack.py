@@ -3,6 +3,7 @@ belong to another one, which ``make down`` and ``pagecast job run`` must leave a
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -15,8 +16,16 @@ from pagecast.launch import STACK_FILE, process_started, stack_api_url
 
 @pytest.fixture
 def bystander() -> Iterator[subprocess.Popen[bytes]]:
-    """A process leading a process group of its own, as a pid's next owner might."""
-    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    """A process leading a process group of its own, as a pid's next owner might; it dies of
+    SIGINT and SIGTERM (a background shell would have it ignore SIGINT)."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGINT, signal.SIG_DFL); time.sleep(60)",
+        ],
+        start_new_session=True,
+    )
     yield process
     process.kill()
     process.wait()
