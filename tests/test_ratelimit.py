@@ -144,7 +144,10 @@ def _wait_for_a_lock_wait(engine: sa.Engine) -> None:
     """Until a session waits for a row lock (a statement of its own: the activity view is read
     once per transaction)."""
     deadline = time.monotonic() + 30
-    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
     while True:
         with engine.connect() as connection:
             if connection.execute(query).scalar():
