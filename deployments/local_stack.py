@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from pagecast.db import ensure_database
-from pagecast.launch import STACK_FILE, is_process, process_started, stack_api_url
+from pagecast.launch import STACK_FILE, is_same_process, process_started, stack_api_url
 from pagecast.sandbox_process import wait_answering
 from pagecast.settings import get_settings
 
@@ -34,7 +34,6 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0
 STOP_SECONDS = 10.0
 KILL_SECONDS = 5.0
-POSTMASTER_PID_SECONDS = 5.0  # postmaster.pid holds the start in whole seconds, set after exec
 PREFECT_DATABASE = "prefect"
 PREFECT_PGDATA = "prefect-pgdata"
 # How often the worker asks for runs to start: Prefect's default, 10 s, delays a submitted job's
@@ -109,7 +108,7 @@ def stop_embedded_prefect_server(pgdata: Path) -> None:
         postmaster, started_at = int(pid), float(started)
     except (FileNotFoundError, ValueError):
         return
-    _stop_process(postmaster, signal.SIGINT, started=started_at, tolerance=POSTMASTER_PID_SECONDS)
+    _stop_process(postmaster, signal.SIGINT, started=started_at)
 
 
 def _spawn(args: list[str], *, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -199,14 +198,16 @@ def _stop_process(
     stop: signal.Signals,
     *,
     started: float | None = None,
-    tolerance: float = 0.05,
     group: bool = False,
     grace_seconds: float = STOP_SECONDS,
 ) -> None:
-    """Send ``stop`` to ``pid`` (with ``group``, to the process group it leads) unless it is not
-    the process created at ``started`` (``is_process``); SIGKILL if ``pid`` outlives the grace, and
-    wait a little for it to be gone."""
-    if not is_process(pid, started, tolerance):
+    """Send ``stop`` to ``pid`` (with ``group``, to the process group it leads, also once the
+    leader is gone) unless ``pid`` now belongs to a process not created at ``started``; SIGKILL if
+    ``pid`` outlives the grace, and wait a little for it to be gone."""
+    if process_started(pid) is None:
+        if not group:  # gone; a process group may outlive its leader, and keeps its id meanwhile
+            return
+    elif not is_same_process(pid, started):
         return
     send = os.killpg if group else os.kill
     try:

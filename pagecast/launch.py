@@ -24,6 +24,9 @@ from pagecast.reports import job_summary_rows, waiting_for
 from pagecast.settings import Settings
 
 POLL_SECONDS = 0.5
+# A recorded creation time matches within this: psutil derives it from the boot time, in whole
+# seconds and moved by clock steps, and postmaster.pid holds its own in whole seconds.
+SAME_PROCESS_SECONDS = 5.0
 STACK_FILE = "prefect-stack.json"
 SUCCESSFUL = (JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS)
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -44,26 +47,30 @@ def stack_api_url(home: Path) -> str | None:
     if not state.is_file():
         return None
     stack = json.loads(state.read_text())
-    if not is_process(stack["server_pid"], stack.get("server_started")):
+    if not is_same_process(stack["server_pid"], stack.get("server_started")):
         return None
     return str(stack["api_url"])
 
 
 def process_started(pid: int) -> float | None:
-    """When ``pid`` was created (seconds since the epoch), ``None`` when no such process runs."""
+    """When ``pid`` was created (seconds since the epoch), ``None`` when no such process runs (a
+    zombie has ended)."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return process.create_time()
+    except (psutil.Error, ValueError):  # ValueError: not a pid (negative)
         return None
 
 
-def is_process(pid: int, started: float | None, tolerance: float = 0.05) -> bool:
+def is_same_process(pid: int, started: float | None) -> bool:
     """Whether ``pid`` runs and is the process created at ``started`` (any process with that pid
     when ``started`` is unknown): a pid a file recorded may since belong to another process."""
     created = process_started(pid)
     if created is None:
         return False
-    return started is None or abs(created - started) <= tolerance
+    return started is None or abs(created - started) <= SAME_PROCESS_SECONDS
 
 
 def prefect_api_url(settings: Settings) -> str | None:

@@ -21,10 +21,9 @@ import asyncio
 import math
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import sqlalchemy as sa
@@ -97,6 +96,14 @@ _HOLD = sa.text(
 )
 
 
+@dataclass
+class _Gate:
+    """One event loop's turn at waiting for the pacer in a thread."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 @dataclass(frozen=True)
 class Reservation:
     """``count`` slots ``interval`` seconds apart; the first at ``first_at`` on the caller's clock."""
@@ -163,9 +170,9 @@ class Pacer:
     Reservations never exceed the sends announced with ``expect``; a release is never earlier
     than its slot on ``clock`` nor closer than one interval to the pacer's previous release.
     The slots' lock is held while a reservation waits for the database (for as long as an outage
-    lasts), so an event loop never blocks on it, and only one caller per event loop waits for it
-    in a thread (the others wait in the loop: an outage must not take every thread of the loop's
-    executor); the count of announced sends has a lock of its own.
+    lasts), so an event loop never blocks on it, and only one sender per event loop waits for a
+    slot in a thread (the others wait in the loop: an outage must not take every thread of the
+    loop's executor); the count of announced sends has a lock of its own.
     """
 
     def __init__(
@@ -190,9 +197,7 @@ class Pacer:
         self._lock = threading.Lock()
         self._remaining_lock = threading.Lock()
         self._gates_lock = threading.Lock()
-        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._gates: dict[asyncio.AbstractEventLoop, _Gate] = {}
         self._refill_failure: tuple[float, sa.exc.OperationalError] | None = None
 
     def expect(self, count: int) -> None:
@@ -254,14 +259,23 @@ class Pacer:
 
     async def _claim_from_loop(self) -> float:
         """The next release time, waited for in a thread by one caller of this loop at a time."""
-        asked_at = self._clock()
+        asked_at, loop = self._clock(), asyncio.get_running_loop()
         with self._gates_lock:
-            gate = self._gates.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-        async with gate:
-            release_at = self._claim_at_once()  # the caller before may have reserved enough
-            if release_at is None:
-                release_at = await asyncio.to_thread(self._claim, asked_at)
-            return release_at
+            gate = self._gates.get(loop)
+            if gate is None:
+                gate = self._gates[loop] = _Gate()
+            gate.users += 1
+        try:
+            async with gate.lock:
+                release_at = self._claim_at_once()  # the caller before may have reserved enough
+                if release_at is None:
+                    release_at = await asyncio.to_thread(self._claim, asked_at)
+                return release_at
+        finally:
+            with self._gates_lock:
+                gate.users -= 1
+                if not gate.users:  # the loop's last waiter: the entry goes (loops come and go)
+                    del self._gates[loop]
 
     async def wait_for_slot(self) -> None:
         """Sleep until this caller's send slot (taken without a thread hop when one is at hand).

@@ -182,7 +182,8 @@ def test_announcing_sends_never_waits_for_a_reservation_stuck_on_the_database(en
         announcer.start()
         announcer.join(timeout=5)
         assert not announcer.is_alive()
-    sender.join()
+    sender.join(timeout=30)
+    assert not sender.is_alive()
 
 
 def test_senders_waiting_on_a_stuck_reservation_leave_their_loop_s_executor_free(engine):
