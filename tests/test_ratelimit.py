@@ -2,8 +2,10 @@
 with time."""
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -211,6 +213,21 @@ def test_senders_waiting_on_a_stuck_reservation_leave_their_loop_s_executor_free
         loop.call_soon_threadsafe(loop.stop)
         running.join()
         loop.close()
+
+
+def test_a_pacer_keeps_no_event_loop_alive(engine):
+    """A pacer lives as long as its process; each chunk sends from an event loop of its own."""
+    pacer = Pacer(engine, page_id=PAGE, rate=1000.0)
+    loops = []
+
+    async def send() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        pacer.expect(50)
+        await asyncio.gather(*(pacer.wait_for_slot() for _ in range(50)))
+
+    asyncio.run(send())
+    gc.collect()
+    assert loops[0]() is None
 
 
 def test_reservations_never_exceed_the_expected_sends(engine):
