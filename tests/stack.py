@@ -234,14 +234,21 @@ def server_errors(home: Path) -> list[str]:
 
 
 def ended(ops: Ops, job_id: uuid.UUID, timeout: float = WAIT_SECONDS):
-    return ops.wait_for(
-        lambda: (
-            (j := job_row(ops.engine, job_id)).status in ("completed", "completed_with_errors")
-            and j
-        ),
-        f"job {job_id} to end",
-        timeout,
-    )
+    """The job's row once it completed; on a timeout the error shows the row and its runs."""
+    try:
+        return ops.wait_for(
+            lambda: (
+                (j := job_row(ops.engine, job_id)).status in ("completed", "completed_with_errors")
+                and j
+            ),
+            f"job {job_id} to end",
+            timeout,
+        )
+    except AssertionError as timeout_error:
+        runs = [(r["name"], r["state"]["type"]) for r in ops.send_job_runs(job_id)]
+        raise AssertionError(
+            f"{timeout_error}: {job_row(ops.engine, job_id)}; runs {runs}"
+        ) from None
 
 
 def spawn_pagecast(ops: Ops, *args: str, **env: str) -> subprocess.Popen[str]:
