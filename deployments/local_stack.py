@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from pagecast.db import ensure_database
-from pagecast.launch import STACK_FILE, is_same_process, process_started, stack_api_url
+from pagecast.launch import STACK_FILE, process_started, stack_api_url, started_as_recorded
 from pagecast.sandbox_process import wait_answering
 from pagecast.settings import get_settings
 
@@ -204,10 +204,11 @@ def _stop_process(
     """Send ``stop`` to ``pid`` (with ``group``, to the process group it leads, also once the
     leader is gone) unless ``pid`` now belongs to a process not created at ``started``; SIGKILL if
     ``pid`` outlives the grace, and wait a little for it to be gone."""
-    if process_started(pid) is None:
+    created = process_started(pid)
+    if created is None:
         if not group:  # gone; a process group may outlive its leader, and keeps its id meanwhile
             return
-    elif not is_same_process(pid, started):
+    elif not started_as_recorded(created, started):
         return
     send = os.killpg if group else os.kill
     try:

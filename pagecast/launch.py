@@ -68,8 +68,12 @@ def is_same_process(pid: int, started: float | None) -> bool:
     """Whether ``pid`` runs and is the process created at ``started`` (any process with that pid
     when ``started`` is unknown): a pid a file recorded may since belong to another process."""
     created = process_started(pid)
-    if created is None:
-        return False
+    return created is not None and started_as_recorded(created, started)
+
+
+def started_as_recorded(created: float, started: float | None) -> bool:
+    """Whether a process created at ``created`` is the one recorded as started at ``started``
+    (``None``: not recorded, any)."""
     return started is None or abs(created - started) <= SAME_PROCESS_SECONDS
 
 
