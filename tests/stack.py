@@ -124,6 +124,21 @@ class Ops:
             timeout=300,
         )
 
+    def pause_sweeps(self) -> None:
+        """No sweep from here on, scheduled or in progress: one would start a test's pending jobs,
+        and each is a flow-run process of ~4 CPU-s."""
+        self.api("POST", f"/deployments/{self.deployment_id('sweep/sweep')}/pause_deployment")
+        self.wait_for(
+            lambda: (
+                not [
+                    r
+                    for r in self.runs_of("sweep/sweep")
+                    if r["state"]["type"] in ("PENDING", "RUNNING")
+                ]
+            ),
+            "the sweeps in progress to end",
+        )
+
     def kill_run(self, flow_run_id: str) -> None:
         """SIGKILL the process of a flow run (its runner dies mid-job)."""
         pid = self.wait_for(
@@ -155,8 +170,9 @@ def running_stack(
     home: Path, server_url: str, template_database: str, prefect_server_url: str
 ) -> Iterator[Ops]:
     """A stack under ``home``: pagecast's database cloned from ``template_database``, Prefect's on
-    ``prefect_server_url``'s server, the sandbox in a process of its own. On exit it fails on any
-    ERROR the Prefect server logged."""
+    ``prefect_server_url``'s server, the sandbox in a process of its own, the sweep's schedule
+    paused (tests that rely on it run it with ``scheduled_sweeps``). On exit it fails on any ERROR
+    the Prefect server logged."""
     name = f"pagecast_ops_{uuid.uuid4().hex[:8]}"
     admin_execute(server_url, f"CREATE DATABASE {name} TEMPLATE {template_database}")
     database_url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
@@ -186,7 +202,9 @@ def running_stack(
         try:
             first = bootstrap(env)
             assert first.returncode == 0, first.stdout + first.stderr
-            yield Ops(stack, db.engine_for(database_url), sandbox, ledger, env, prefect_url)
+            ops = Ops(stack, db.engine_for(database_url), sandbox, ledger, env, prefect_url)
+            ops.pause_sweeps()
+            yield ops
         finally:
             stop_stack(home)
             errors = server_errors(home)
@@ -301,24 +319,13 @@ def sent_once_within_the_bound(ops: Ops, job_id: uuid.UUID, text: str, total: in
 
 
 @contextmanager
-def sweeps_paused(ops: Ops) -> Iterator[None]:
-    """No sweep meanwhile, scheduled or in progress: it would start the test's pending jobs."""
-    sweep = ops.deployment_id("sweep/sweep")
-    ops.api("POST", f"/deployments/{sweep}/pause_deployment")
-    ops.wait_for(
-        lambda: (
-            not [
-                r
-                for r in ops.runs_of("sweep/sweep")
-                if r["state"]["type"] in ("PENDING", "RUNNING")
-            ]
-        ),
-        "the sweeps in progress to end",
-    )
+def scheduled_sweeps(ops: Ops) -> Iterator[None]:
+    """The sweep's schedule running meanwhile (the stack keeps it paused otherwise)."""
+    ops.api("POST", f"/deployments/{ops.deployment_id('sweep/sweep')}/resume_deployment")
     try:
         yield
     finally:
-        ops.api("POST", f"/deployments/{sweep}/resume_deployment")
+        ops.pause_sweeps()
 
 
 @contextmanager

@@ -34,7 +34,6 @@ from tests.stack import (
     sent_once,
     server_errors,
     spawn_pagecast,
-    sweeps_paused,
 )
 
 
@@ -53,6 +52,7 @@ def test_the_log_scan_finds_every_error_record(tmp_path):
 
 def test_bootstrap_is_idempotent_and_deploys_everything(ops):
     again = bootstrap(ops.env)
+    ops.pause_sweeps()  # deploying resumed the schedule
     assert again.returncode == 0, again.stdout + again.stderr
     deployments = {d["name"]: d for d in ops.api("POST", "/deployments/filter", json={}).json()}
     assert set(deployments) >= {"send-job", "broadcast", "sweep", "retry-failed"}
@@ -316,11 +316,10 @@ def test_two_jobs_on_one_page_sent_at_once_share_its_rate(ops):
     busiest second stays within 5 % of its rate, and both jobs send every recipient once."""
     rate = 100.0
     texts = ("shared page, first", "shared page, second")
-    with sweeps_paused(ops):
-        jobs = [create_job(ops.engine, 400, page_id=SHARED_PAGE, rate=rate, text=t) for t in texts]
-        runs = [spawn_pagecast(ops, "job", "run", str(job.id)) for job in jobs]
-        for run in map(finish, runs):
-            assert run.returncode == 0, run.stderr
+    jobs = [create_job(ops.engine, 400, page_id=SHARED_PAGE, rate=rate, text=t) for t in texts]
+    runs = [spawn_pagecast(ops, "job", "run", str(job.id)) for job in jobs]
+    for run in map(finish, runs):
+        assert run.returncode == 0, run.stderr
     for job, text in zip(jobs, texts, strict=True):
         sent_once(ops, job.id, text, 400)
     page = ops.sandbox.stats()["pages"][SHARED_PAGE]
@@ -411,7 +410,7 @@ def test_one_worker_sends_ten_jobs_on_ten_pages_at_their_rates(ops, record_prope
         for page, total in LOAD_PAGES.items()
     }
 
-    with sweeps_paused(ops), PeakMemory(ops.stack.worker_pid) as memory:
+    with PeakMemory(ops.stack.worker_pid) as memory:
         # the pool is paused while the runs are created: all eleven start together
         with pool_paused(ops):
             for job in jobs.values():
@@ -479,7 +478,7 @@ def test_a_job_created_over_the_http_api_is_sent_by_the_worker(ops, monkeypatch,
     text = "Sent over the API"
     body = {"page_id": PAGE, "text": text, "psids": [str(7100 + i) for i in range(40)]}
     headers = {"Authorization": f"Bearer {key}"}
-    with sweeps_paused(ops), serving(create_server(settings, ops.engine)) as url:
+    with serving(create_server(settings, ops.engine)) as url:
         answer = httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=60)
         assert answer.status_code == 201, answer.text
         job = answer.json()

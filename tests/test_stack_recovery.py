@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from deployments.local_stack import Stack, exited, start_stack
 from pagecast.faults import CRASH_AT_ENV
 from pagecast.launch import STACK_FILE
+from pagecast.models import SendJob
 from tests.engine import (
     create_job,
     job_row,
@@ -29,6 +30,7 @@ from tests.stack import (
     ended,
     finish,
     runs_ended,
+    scheduled_sweeps,
     sent_once,
     sent_once_within_the_bound,
     spawn_pagecast,
@@ -37,11 +39,11 @@ from tests.stack import (
 
 @dataclass
 class Unattended:
-    """Jobs left for the scheduled sweep alone, from ``since``: one pending, one whose runner was
-    killed."""
+    """Jobs left for the scheduled sweep alone at ``since`` (one pending, one whose runner was
+    killed, ``in_flight_at_kill`` rows in flight then), as they ended."""
 
-    pending: uuid.UUID
-    killed: uuid.UUID
+    pending: SendJob
+    killed: SendJob
     in_flight_at_kill: int
     since: datetime
 
@@ -57,7 +59,9 @@ def unattended(ops) -> Unattended:
     ops.kill_run(job_row(ops.engine, killed).lease_owner)  # the run that holds the job
     in_flight = recipient_counts(ops.engine, killed).get("sending", 0)
     ops.sandbox.configure(latency_ms=0)
-    return Unattended(pending, killed, in_flight, since)
+    with scheduled_sweeps(ops):
+        ended_rows = [ended(ops, job, SCHEDULE_WAIT_SECONDS) for job in (pending, killed)]
+    return Unattended(*ended_rows, in_flight, since)
 
 
 def _only_scheduled_sweeps_ran(ops: Ops, unattended: Unattended) -> None:
@@ -69,7 +73,7 @@ def _only_scheduled_sweeps_ran(ops: Ops, unattended: Unattended) -> None:
 
 
 def test_the_scheduled_sweep_starts_a_pending_job(ops, unattended):
-    finished = ended(ops, unattended.pending, SCHEDULE_WAIT_SECONDS)
+    finished = unattended.pending
     assert (finished.status, finished.sent, finished.attempt) == ("completed", 120, 1)
     delivered = ops.delivered_psids("scheduled pickup")
     assert len(delivered) == len(set(delivered)) == 120
@@ -77,7 +81,7 @@ def test_the_scheduled_sweep_starts_a_pending_job(ops, unattended):
 
 
 def test_the_scheduled_sweep_takes_over_a_killed_run(ops, unattended):
-    finished = ended(ops, unattended.killed, SCHEDULE_WAIT_SECONDS)
+    finished = unattended.killed
     assert finished.sent + finished.unknown == 300
     assert finished.unknown == unattended.in_flight_at_kill
     assert finished.attempt == 2
@@ -91,10 +95,11 @@ def test_a_shard_supervisor_killed_mid_job_is_recovered_by_the_sweep(ops):
     job = create_job(ops.engine, 2400, rate=150.0, text=text)
     # Killed on its second round, whatever it did in its first: a parent that sent its ranges
     # itself (no child run started in time, a loaded machine) can end on its second round.
-    parent = ops.start(
-        "send-job/send-job", {"job_id": str(job.id)}, env={CRASH_AT_ENV: "supervisor@2"}
-    )
-    finished = ended(ops, job.id, WAIT_SECONDS + SCHEDULE_WAIT_SECONDS)
+    with scheduled_sweeps(ops):
+        parent = ops.start(
+            "send-job/send-job", {"job_id": str(job.id)}, env={CRASH_AT_ENV: "supervisor@2"}
+        )
+        finished = ended(ops, job.id, WAIT_SECONDS + SCHEDULE_WAIT_SECONDS)
     assert ops.api("GET", f"/flow_runs/{parent['id']}").json()["state"]["type"] == "CRASHED"
     assert finished.attempt >= 2  # a run the sweep started took the job over
     sent_once_within_the_bound(ops, job.id, text, 2400)
@@ -118,7 +123,7 @@ def test_a_child_run_killed_mid_range_is_replaced_without_duplicates(ops):
     child = ops.wait_for(sending_child, "a child run sending")
     ops.wait_for(lambda: job_row(ops.engine, job.id).sent >= 200, "sending to start")
     ops.kill_run(child)
-    ended(ops, job.id, WAIT_SECONDS + SCHEDULE_WAIT_SECONDS)
+    ended(ops, job.id)  # the parent run starts the range again
     sent_once_within_the_bound(ops, job.id, text, 2400)
 
 
