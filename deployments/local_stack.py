@@ -1,4 +1,4 @@
-"""A local Prefect server and a process worker for pagecast, in the background.
+"""A local Prefect server, a process worker and the warm runner for pagecast, in the background.
 
     uv run python -m deployments.local_stack up [--port 4200]    (or: make up)
     uv run python -m deployments.local_stack down                (or: make down)
@@ -7,7 +7,8 @@ Prefect keeps its own database, ``prefect``, on PostgreSQL (SQLite locks under c
 runs): on the server of ``PAGECAST_DATABASE_URL`` when it has the ``pg_trgm`` extension Prefect
 needs, else on an embedded server of its own under ``$PAGECAST_HOME/prefect-pgdata`` (pagecast's
 embedded build lacks ``pg_trgm``), which runs until ``down``. The state file
-``$PAGECAST_HOME/prefect-stack.json`` lets ``pagecast job run`` use this server."""
+``$PAGECAST_HOME/prefect-stack.json`` lets ``pagecast job run`` use this server, and its flow run is
+forked by the warm runner (``deployments/warm_runner.py``), which has Prefect imported already."""
 
 import argparse
 import contextlib
@@ -26,7 +27,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from pagecast.db import ensure_database
-from pagecast.launch import STACK_FILE, process_started, stack_api_url, started_as_recorded
+from pagecast.launch import (
+    STACK_FILE,
+    WARM_RUNNER_SOCKET,
+    process_started,
+    stack_api_url,
+    started_as_recorded,
+)
 from pagecast.sandbox_process import wait_answering
 from pagecast.settings import get_settings
 
@@ -52,6 +59,8 @@ class Stack:
     server_started: float | None = None
     worker_pid: int | None = None
     worker_started: float | None = None
+    runner_pid: int | None = None
+    runner_started: float | None = None
 
 
 def has_pg_trgm(server_url: str) -> bool:
@@ -112,10 +121,11 @@ def stop_embedded_prefect_server(pgdata: Path) -> None:
 
 
 def _spawn(args: list[str], *, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``python -m ARGS`` in a session of its own, appending to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as handle:
         return subprocess.Popen(
-            [sys.executable, "-m", "prefect", *args],
+            [sys.executable, "-m", *args],
             cwd=PROJECT_DIR,
             env=env,
             stdout=handle,
@@ -134,21 +144,22 @@ def start_stack(
 ) -> Stack:
     """Start a Prefect server on ``port`` (loopback) with its database at ``database_url`` and,
     with ``worker``, a process worker polling every ``WORKER_QUERY_SECONDS`` unless ``env`` says
-    otherwise."""
+    otherwise, and the warm runner."""
     base = f"http://127.0.0.1:{port}"
+    # the warm runner's environment is what `pagecast job run` gives its flow: Prefect's settings
+    # read at import then hold for the runs it forks
+    runner_env = (env or dict(os.environ)) | {
+        "PREFECT_API_URL": f"{base}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     env = (
         {"PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_SECONDS)}
-        | (env or dict(os.environ))
-        | {
-            "PREFECT_API_URL": f"{base}/api",
-            "PREFECT_UI_API_URL": f"{base}/api",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PAGECAST_PROJECT_DIR": str(PROJECT_DIR),
-        }
+        | runner_env
+        | {"PREFECT_UI_API_URL": f"{base}/api", "PAGECAST_PROJECT_DIR": str(PROJECT_DIR)}
     )
     server_log = home / "logs" / "prefect-server.log"
     server = _spawn(
-        ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         log=server_log,
         env=env | {"PREFECT_API_DATABASE_CONNECTION_URL": database_url},
     )
@@ -170,11 +181,17 @@ def start_stack(
     )
     if worker:
         stack.worker_pid = _spawn(
-            ["worker", "start", "--pool", "pagecast", "--type", "process"],
+            ["prefect", "worker", "start", "--pool", "pagecast", "--type", "process"],
             log=home / "logs" / "prefect-worker.log",
             env=env,
         ).pid
         stack.worker_started = process_started(stack.worker_pid)
+        stack.runner_pid = _spawn(
+            ["deployments.warm_runner", str(home / WARM_RUNNER_SOCKET)],
+            log=home / "logs" / "warm-runner.log",
+            env=runner_env,
+        ).pid
+        stack.runner_started = process_started(stack.runner_pid)
     (home / STACK_FILE).write_text(json.dumps(asdict(stack)))
     return stack
 
@@ -232,12 +249,13 @@ def _exits_within(pid: int, seconds: float) -> bool:
 
 
 def stop_stack(home: Path) -> None:
-    """Stop the processes recorded in the state file (worker first), then Prefect's embedded
+    """Stop the processes recorded in the state file (the server last), then Prefect's embedded
     database, and remove the file."""
     state = home / STACK_FILE
     if state.exists():
         stack = Stack(**json.loads(state.read_text()))
         for pid, started in (
+            (stack.runner_pid, stack.runner_started),
             (stack.worker_pid, stack.worker_started),
             (stack.server_pid, stack.server_started),
         ):

@@ -4,10 +4,14 @@ this one shows its progress from the job's counters in Postgres."""
 
 import json
 import os
+import select
+import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -28,7 +32,9 @@ POLL_SECONDS = 0.5
 # seconds and moved by clock steps, and postmaster.pid holds its own in whole seconds.
 SAME_PROCESS_SECONDS = 5.0
 STACK_FILE = "prefect-stack.json"
+WARM_RUNNER_SOCKET = "warm-runner.sock"
 SUCCESSFUL = (JobStatus.COMPLETED, JobStatus.COMPLETED_WITH_ERRORS)
+UNKNOWN_EXIT = -1  # a forked flow run's, when the warm runner stopped before it ended
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,15 +88,100 @@ def prefect_api_url(settings: Settings) -> str | None:
     return os.environ.get("PREFECT_API_URL") or stack_api_url(settings.home.expanduser().resolve())
 
 
-def start_flow(settings: Settings, job_id: uuid.UUID, *, log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``flows/send_job.py`` for the job in a child process logging to ``log_path``; it
-    uses the same database (the embedded one too) as this process."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+class WarmChild:
+    """A flow run process forked by the local stack's warm runner (``deployments/warm_runner.py``),
+    watched like a child process: its exit code comes over the runner's connection. If the runner
+    stops first, the process is watched by its pid, and its exit code is ``UNKNOWN_EXIT``."""
+
+    def __init__(self, connection: socket.socket, pid: int, received: bytes) -> None:
+        self._connection: socket.socket | None = connection
+        self._received = received
+        self.pid = pid
+        self._started = process_started(pid)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            if self._connection is not None:
+                self._read_answer(self._connection)
+            elif not is_same_process(self.pid, self._started):
+                self.returncode = UNKNOWN_EXIT
+        return self.returncode
+
+    def _read_answer(self, connection: socket.socket) -> None:
+        if b"\n" not in self._received:
+            if not select.select([connection], [], [], 0)[0]:
+                return
+            chunk = connection.recv(4096)
+            self._received += chunk
+            if chunk and b"\n" not in self._received:
+                return
+        line = self._received.partition(b"\n")[0]
+        connection.close()
+        self._connection = None
+        if line:
+            self.returncode = json.loads(line)["returncode"]
+
+    def terminate(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+
+
+def _read_line(connection: socket.socket) -> tuple[bytes, bytes]:
+    """One line from ``connection`` (empty at its end) and whatever came after it."""
+    received = b""
+    while b"\n" not in received and (chunk := connection.recv(4096)):
+        received += chunk
+    line, _, rest = received.partition(b"\n")
+    return line, rest
+
+
+def _flow_env(settings: Settings) -> dict[str, str]:
+    """The flow process's environment: this one's, with this process's home and its stack."""
     home = settings.home.expanduser().resolve()
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PAGECAST_HOME": str(home)}
     api_url = stack_api_url(home)
     if "PREFECT_API_URL" not in env and api_url:
         env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def _fork_warm(home: Path, request: dict) -> WarmChild | str | None:
+    """The flow run forked by the stack's warm runner; why the runner refused (a message), or
+    ``None`` when none runs for ``home``."""
+    if stack_api_url(home) is None:
+        return None
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.settimeout(5)
+        connection.connect(str(home / WARM_RUNNER_SOCKET))
+        connection.sendall(json.dumps(request).encode() + b"\n")
+        line, rest = _read_line(connection)
+        answer = json.loads(line or b"{}")
+    except (OSError, ValueError):
+        connection.close()
+        return None
+    if "pid" not in answer:
+        connection.close()
+        return str(answer.get("error", "no answer"))
+    return WarmChild(connection, answer["pid"], rest)
+
+
+def start_flow(
+    settings: Settings, job_id: uuid.UUID, *, log_path: Path, say: Callable[[str], None]
+) -> subprocess.Popen[bytes] | WarmChild:
+    """Run ``flows/send_job.py`` for the job logging to ``log_path``: forked by the local stack's
+    warm runner when it runs and serves the request, else in a child process (``say`` tells
+    which); either uses the same database (the embedded one too) as this process."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = _flow_env(settings)
+    home = Path(env["PAGECAST_HOME"])
+    warm = _fork_warm(home, {"job_id": str(job_id), "env": env, "log": str(log_path.resolve())})
+    if isinstance(warm, WarmChild):
+        say(f"the flow run is forked by the stack's warm runner (pid {warm.pid})")
+        return warm
+    if warm is not None:
+        say(f"the stack's warm runner refused ({warm}): the flow runs in a process of its own")
     with log_path.open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "flows.send_job", str(job_id)],
@@ -118,7 +209,7 @@ def _counts(job: SendJob) -> str:
 def watch(
     engine: sa.Engine,
     job_id: uuid.UUID,
-    process: subprocess.Popen[bytes],
+    process: subprocess.Popen[bytes] | WarmChild,
     console: Console,
     *,
     lease_seconds: int,

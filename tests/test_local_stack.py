@@ -1,17 +1,24 @@
 """The local stack's state files name processes by pid: once such a process has died, its pid may
-belong to another one, which ``make down`` and ``pagecast job run`` must leave alone."""
+belong to another one, which ``make down`` and ``pagecast job run`` must leave alone. And how
+``job run`` watches a flow run its warm runner forked."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 from deployments.local_stack import Stack, exited, stop_embedded_prefect_server, stop_stack
-from pagecast.launch import STACK_FILE, process_started, stack_api_url
+from pagecast import launch
+from pagecast.launch import STACK_FILE, WARM_RUNNER_SOCKET, process_started, stack_api_url
 
 
 @pytest.fixture
@@ -72,3 +79,62 @@ def test_a_stale_postmaster_pid_file_signals_nobody(tmp_path, bystander):
     )
     stop_embedded_prefect_server(pgdata)
     assert exited(bystander.pid)
+
+
+@contextmanager
+def _runner_answering(home: Path, *answers: dict) -> Iterator[Callable[[], None]]:
+    """A stand-in warm runner for ``home`` that takes one request, sends ``answers``, and closes
+    the connection when the returned function is called."""
+    _state(home, os.getpid(), process_started(os.getpid()))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(home / WARM_RUNNER_SOCKET))
+    listener.listen(1)
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        connection = listener.accept()[0]
+        accepted.append(connection)
+        connection.makefile("rb").readline()
+        for answer in answers:
+            connection.sendall(json.dumps(answer).encode() + b"\n")
+
+    def close() -> None:
+        server.join(5)
+        accepted[0].close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield close
+    finally:
+        listener.close()
+
+
+def _fork(home: Path) -> launch.WarmChild | str | None:
+    return launch._fork_warm(home, {"job_id": "j", "env": {}, "log": "/dev/null"})
+
+
+def test_a_forked_run_s_exit_code_comes_from_the_runner(tmp_path, bystander):
+    with _runner_answering(tmp_path, {"pid": bystander.pid}, {"returncode": 3}) as close:
+        child = _fork(tmp_path)
+        close()
+        assert isinstance(child, launch.WarmChild) and child.pid == bystander.pid
+        assert child.poll() == 3 and child.returncode == 3
+
+
+def test_a_forked_run_is_watched_by_its_pid_once_the_runner_is_gone(tmp_path, bystander):
+    with _runner_answering(tmp_path, {"pid": bystander.pid}) as close:
+        child = _fork(tmp_path)
+        close()
+        assert isinstance(child, launch.WarmChild)
+        assert child.poll() is None and child.poll() is None  # the runner's end, then its pid
+        child.terminate()
+        bystander.wait(5)
+        assert child.poll() == launch.UNKNOWN_EXIT
+
+
+def test_a_runner_s_refusal_is_passed_on_and_no_runner_is_none(tmp_path):
+    assert _fork(tmp_path) is None  # no stack
+    with _runner_answering(tmp_path, {"error": "busy"}) as close:
+        assert _fork(tmp_path) == "busy"
+        close()

@@ -16,6 +16,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from deployments.local_stack import PROJECT_DIR
+from pagecast.launch import WARM_RUNNER_SOCKET, is_same_process
 from pagecast.sandbox_process import busiest
 from tests.engine import (
     PAGE,
@@ -306,6 +308,33 @@ def test_broadcast_form_in_the_prefect_ui(ops, tmp_path):
         ).one()
     assert tuple(job) == (4, 4, "completed")
     assert (tmp_path / "broadcast-form.png").stat().st_size > 10_000
+
+
+def _job_run(ops: Ops, text: str) -> str:
+    """``pagecast job run`` of a new job of 100: sent once; what it said on stderr."""
+    job = create_job(ops.engine, 100, text=text)
+    run = ops.pagecast("job", "run", str(job.id))
+    said = " ".join(run.stderr.split())  # rich wraps lines at 80 columns
+    assert run.returncode == 0, said
+    sent_once(ops, job.id, text, 100)
+    return said
+
+
+def test_job_run_on_the_stack_is_forked_by_its_warm_runner(ops):
+    assert "the flow run is forked by the stack's warm runner" in _job_run(ops, "forked run")
+
+
+def test_the_warm_runner_leaves_a_changed_checkout_to_a_process_of_its_own(ops):
+    module = PROJECT_DIR / "tasks" / "__init__.py"
+    stat = module.stat()
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # within the second: pycs hold
+    refused = _job_run(ops, "changed checkout")
+    assert "the checkout changed since the warm runner imported it" in refused
+    assert "the flow runs in a process of its own" in refused
+    socket_path = ops.ledger.parent / WARM_RUNNER_SOCKET
+    ops.wait_for(socket_path.exists, "the warm runner to import the checkout again")
+    assert is_same_process(ops.stack.runner_pid, ops.stack.runner_started)
+    assert "forked by the stack's warm runner" in _job_run(ops, "changed checkout, again")
 
 
 SHARED_PAGE = "100200301"

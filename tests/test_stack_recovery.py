@@ -169,15 +169,18 @@ def test_job_runs_and_sweeps_started_at_once_send_a_job_once(ops):
 
 def _restart_server(ops: Ops) -> None:
     """SIGKILL the stack's Prefect server (its whole process group) and start it again on the
-    same port and database; the worker stays."""
+    same port and database; the worker and the warm runner stay."""
     os.killpg(ops.stack.server_pid, signal.SIGKILL)
     ops.wait_for(lambda: exited(ops.stack.server_pid), "the server to exit")
     time.sleep(3)  # down for a while: runs, tasks and the worker find no server
     home = ops.ledger.parent
     port = int(ops.stack.api_url.rsplit(":", 1)[1].split("/")[0])
     server = start_stack(home, port=port, database_url=ops.prefect_url, worker=False, env=ops.env)
-    worker = {"worker_pid": ops.stack.worker_pid, "worker_started": ops.stack.worker_started}
-    ops.stack = Stack(**asdict(server) | worker)
+    kept = {  # the worker and the warm runner stay
+        name: getattr(ops.stack, name)
+        for name in ("worker_pid", "worker_started", "runner_pid", "runner_started")
+    }
+    ops.stack = Stack(**asdict(server) | kept)
     (home / STACK_FILE).write_text(json.dumps(asdict(ops.stack)))
 
 
@@ -251,3 +254,20 @@ def test_without_a_worker_submit_says_what_the_job_waits_for_and_a_sweep_sends_i
     assert lines[0].endswith("in this process: no worker is online for work pool 'pagecast'")
     assert f"job {job.id} (due): sent here, completed: 50 sent" in swept.stdout
     assert job_row(ops.engine, job.id).waiting_for is None
+
+
+def test_a_forked_job_run_outlives_the_warm_runner_that_forked_it(ops):
+    """The warm runner stops mid-run (``make down``): its child sends the job to the end, and
+    ``job run`` watches it to the end by its pid. Last in the module: no runner forks after it."""
+    text = "runner stopped"
+    job = create_job(ops.engine, 200, rate=20.0, text=text)
+    run = spawn_pagecast(ops, "job", "run", str(job.id))
+    ops.wait_for(lambda: job_row(ops.engine, job.id).sent >= 20, "sending to start")
+    os.kill(ops.stack.runner_pid, signal.SIGTERM)
+    ops.wait_for(lambda: exited(ops.stack.runner_pid), "the warm runner to stop")
+    finished = finish(run)
+    said = " ".join(finished.stderr.split())
+    assert finished.returncode == 0, said
+    assert "forked by the stack's warm runner" in said
+    assert "the warm runner stopped before the flow run ended" in said
+    sent_once(ops, job.id, text, 200)

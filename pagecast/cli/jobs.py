@@ -116,7 +116,9 @@ def run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
             session, job_id=job_id, recovery=lifecycle.Recovery.from_settings(settings)
         )
     log_path = settings.home / "logs" / f"send-job-{job_id}.log"
-    process = launch.start_flow(settings, job_id, log_path=log_path)
+    process = launch.start_flow(
+        settings, job_id, log_path=log_path, say=lambda note: stderr.print(f"[dim]{note}[/]")
+    )
     try:
         job = launch.watch(engine, job_id, process, stderr, lease_seconds=settings.lease_seconds)
     except KeyboardInterrupt:
@@ -125,7 +127,9 @@ def run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
     if process.returncode == 0 and job.status == JobStatus.RUNNING:
         raise commands.sent_elsewhere(job)  # the flow exited without the job: another run has it
     stdout.print(launch.summary_table(engine, job))
-    if process.returncode != 0:
+    if process.returncode == launch.UNKNOWN_EXIT:
+        stderr.print(f"the warm runner stopped before the flow run ended; its log: {log_path}")
+    elif process.returncode != 0:
         stderr.print(f"[red]the flow run failed[/]; its log: {log_path}")
     if job.status not in launch.SUCCESSFUL:
         raise typer.Exit(1)

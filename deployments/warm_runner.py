@@ -1,0 +1,176 @@
+"""The local stack's warm runner: a process that has imported Prefect and the send-job flow once
+and forks a child per ``pagecast job run``, so a run starts sending in about a second instead of
+spending ~3 s importing Prefect in a fresh process.
+
+    python -m deployments.warm_runner SOCKET
+
+A client (``pagecast.launch``) sends one JSON line, ``{"job_id", "env", "log"}``; the runner
+answers ``{"pid": …}`` once the child runs, ``{"returncode": …}`` when it exits, or ``{"error": …}``
+when it cannot serve the request: the client then starts a process of its own. The child takes the
+request's environment and has Prefect read its settings and logging levels from it again. The
+runner forks only while it has no other thread; each child leads a session of its own (stopping
+the stack does not stop a job's run)."""
+
+import atexit
+import contextlib
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import traceback
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from prefect.context import refresh_global_settings_context
+from prefect.logging.configuration import setup_logging
+
+from flows.send_job import send_job
+from pagecast.launch import project_root
+
+# What a flow run imports on its first call (214 modules, ~0.5 s), imported once here: the engines,
+# the database driver, the parameters' encoder and the flow graph's renderer.
+FIRST_RUN_IMPORTS = (
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "prefect.utilities.visualization",
+    "fastapi.encoders",
+    "psycopg",
+    "sqlalchemy.dialects.postgresql.psycopg",
+)
+for _module in FIRST_RUN_IMPORTS:
+    importlib.import_module(_module)
+
+_clients: dict[int, socket.socket] = {}  # child pid → the connection that asked for it
+
+
+def _sources() -> dict[str, int]:
+    """Modification times of the checkout's modules this process has imported."""
+    root = str(project_root())
+    return {
+        path: os.stat(path).st_mtime_ns
+        for module in list(sys.modules.values())
+        if (path := getattr(module, "__file__", None) or "").startswith(root)
+    }
+
+
+_IMPORTED = _sources()
+CHANGED = "the checkout changed since the warm runner imported it"
+
+
+def _prefect_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in env.items() if name.startswith("PREFECT_")}
+
+
+def _run_child(request: dict, connection: socket.socket, listener: socket.socket) -> None:
+    """In the forked child: become the request's process (its environment, its log, a session
+    of its own), run the flow and exit with its outcome; never returns."""
+    code = 1
+    try:
+        for inherited in (listener, connection, *_clients.values()):
+            inherited.close()
+        os.setsid()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        prefect_env = _prefect_env(os.environ)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        if _prefect_env(os.environ) != prefect_env:  # else the settings read at import hold
+            refresh_global_settings_context()
+            setup_logging()
+        os.chdir(project_root())
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        send_job(uuid.UUID(request["job_id"]))
+        code = 0
+    except BaseException:  # the flow's error, as a fresh process would report it
+        traceback.print_exc()
+    finally:
+        atexit._run_exitfuncs()  # Prefect drains its log and event workers at exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _refusal() -> str | None:
+    if threading.active_count() != 1:
+        return "the warm runner has started threads: forking it is unsafe"
+    if _sources() != _IMPORTED:
+        return CHANGED
+    return None
+
+
+def _answer(connection: socket.socket, message: dict) -> None:
+    with contextlib.suppress(OSError):  # the client went away; its child runs on
+        connection.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _serve_request(connection: socket.socket, listener: socket.socket) -> str | None:
+    """Fork a child for the request on ``connection``, or answer why not (returned)."""
+    connection.settimeout(5)
+    try:
+        request = json.loads(connection.makefile("rb").readline())
+    except (OSError, ValueError):
+        connection.close()
+        return None
+    refusal = _refusal()
+    if refusal is not None:
+        _answer(connection, {"error": refusal})
+        connection.close()
+        return refusal
+    pid = os.fork()
+    if pid == 0:
+        _run_child(request, connection, listener)
+    _clients[pid] = connection
+    _answer(connection, {"pid": pid})
+    return None
+
+
+def _reap() -> None:
+    while _clients:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        connection = _clients.pop(pid, None)
+        if connection is not None:
+            _answer(connection, {"returncode": os.waitstatus_to_exitcode(status)})
+            connection.close()
+
+
+def serve(path: Path) -> None:
+    """Serve run requests on the unix socket ``path`` until SIGTERM; once the checkout changed,
+    refuse them until no child runs, then import it again (the same pid, a new image)."""
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o077)  # requests carry page tokens: the socket's owner alone may connect
+    listener.bind(str(path))
+    os.umask(umask)
+    listener.listen(64)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    changed = False
+    with selectors.DefaultSelector() as selector:
+        selector.register(listener, selectors.EVENT_READ)
+        try:
+            while not stopping.is_set() and not (changed and not _clients):
+                if selector.select(timeout=0.1):
+                    changed |= _serve_request(listener.accept()[0], listener) == CHANGED
+                _reap()
+        finally:
+            listener.close()
+            path.unlink(missing_ok=True)
+    if changed:
+        os.execv(sys.executable, [sys.executable, "-m", "deployments.warm_runner", str(path)])
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]))
