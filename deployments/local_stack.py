@@ -27,15 +27,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from pagecast.db import ensure_database
-from pagecast.launch import (
-    STACK_FILE,
-    WARM_RUNNER_SOCKET,
-    process_started,
-    stack_api_url,
-    started_as_recorded,
-)
+from pagecast.launch import STACK_FILE, stack_api_url
+from pagecast.processes import process_started, started_as_recorded
 from pagecast.sandbox_process import wait_answering
 from pagecast.settings import get_settings
+from pagecast.warm import WARM_RUNNER_SOCKET
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0
@@ -186,14 +182,20 @@ def start_stack(
             env=env,
         ).pid
         stack.worker_started = process_started(stack.worker_pid)
-        stack.runner_pid = _spawn(
-            ["deployments.warm_runner", str(home / WARM_RUNNER_SOCKET)],
-            log=home / "logs" / "warm-runner.log",
-            env=runner_env,
-        ).pid
-        stack.runner_started = process_started(stack.runner_pid)
+        stack.runner_pid, stack.runner_started = start_warm_runner(home, runner_env)
     (home / STACK_FILE).write_text(json.dumps(asdict(stack)))
     return stack
+
+
+def start_warm_runner(home: Path, env: dict[str, str]) -> tuple[int, float | None]:
+    """Start the warm runner for ``home`` with the environment ``job run`` gives its flow runs;
+    its pid and creation time."""
+    runner = _spawn(
+        ["deployments.warm_runner", str(home / WARM_RUNNER_SOCKET)],
+        log=home / "logs" / "warm-runner.log",
+        env=env,
+    )
+    return runner.pid, process_started(runner.pid)
 
 
 def exited(pid: int) -> bool:

@@ -1,12 +1,13 @@
 """The local stack's warm runner: a process that has imported Prefect and the send-job flow once
-and forks a child per ``pagecast job run``, so a run starts sending in about a second instead of
-spending ~3 s importing Prefect in a fresh process.
+and forks a child per ``pagecast job run``, so a run's flow starts at once instead of after the
+~2.5 s a fresh process spends importing them.
 
     python -m deployments.warm_runner SOCKET
 
 A client (``pagecast.launch``) sends one JSON line, ``{"job_id", "env", "log"}``; the runner
 answers ``{"pid": …}`` once the child runs, ``{"returncode": …}`` when it exits, or ``{"error": …}``
-when it cannot serve the request: the client then starts a process of its own. The child takes the
+when it cannot serve the request (``pagecast.warm`` is the client; it then starts a process of its
+own). The child takes the
 request's environment and has Prefect read its settings and logging levels from it again. The
 runner forks only while it has no other thread; each child leads a session of its own (stopping
 the stack does not stop a job's run)."""
@@ -48,14 +49,19 @@ for _module in FIRST_RUN_IMPORTS:
 _clients: dict[int, socket.socket] = {}  # child pid → the connection that asked for it
 
 
-def _sources() -> dict[str, int]:
-    """Modification times of the checkout's modules this process has imported."""
-    root = str(project_root())
-    return {
-        path: os.stat(path).st_mtime_ns
-        for module in list(sys.modules.values())
-        if (path := getattr(module, "__file__", None) or "").startswith(root)
-    }
+def _sources() -> dict[str, int | None]:
+    """Modification times of the checkout's modules this process has imported (its ``.venv``'s
+    too: a changed dependency is a change); ``None`` for one that is gone."""
+    root = project_root()
+    sources: dict[str, int | None] = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and Path(path).is_relative_to(root):
+            try:
+                sources[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                sources[path] = None
+    return sources
 
 
 _IMPORTED = _sources()
@@ -67,28 +73,33 @@ def _prefect_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def _run_child(request: dict, connection: socket.socket, listener: socket.socket) -> None:
-    """In the forked child: become the request's process (its environment, its log, a session
-    of its own), run the flow and exit with its outcome; never returns."""
-    code = 1
+    """In the forked child: become the request's process (its log, its environment, a session
+    of its own), run the flow and exit with its outcome as ``python -m flows.send_job`` would;
+    never returns (``serve``'s cleanup is the runner's, not the child's)."""
+    code: int = 1
     try:
         for inherited in (listener, connection, *_clients.values()):
             inherited.close()
         os.setsid()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        for stream in (1, 2):
+            os.dup2(log, stream)
+        os.close(log)
+        nothing = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(nothing, 0)
+        os.close(nothing)
         prefect_env = _prefect_env(os.environ)
         os.environ.clear()
         os.environ.update(request["env"])
+        os.chdir(project_root())
         if _prefect_env(os.environ) != prefect_env:  # else the settings read at import hold
             refresh_global_settings_context()
             setup_logging()
-        os.chdir(project_root())
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         send_job(uuid.UUID(request["job_id"]))
         code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
     except BaseException:  # the flow's error, as a fresh process would report it
         traceback.print_exc()
     finally:
@@ -124,7 +135,12 @@ def _serve_request(connection: socket.socket, listener: socket.socket) -> str | 
         _answer(connection, {"error": refusal})
         connection.close()
         return refusal
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as error:  # out of processes or memory: the client starts its own
+        _answer(connection, {"error": f"fork failed: {error}"})
+        connection.close()
+        return None
     if pid == 0:
         _run_child(request, connection, listener)
     _clients[pid] = connection
@@ -163,12 +179,13 @@ def serve(path: Path) -> None:
         try:
             while not stopping.is_set() and not (changed and not _clients):
                 if selector.select(timeout=0.1):
-                    changed |= _serve_request(listener.accept()[0], listener) == CHANGED
+                    with contextlib.suppress(OSError):  # out of file descriptors: a later turn
+                        changed |= _serve_request(listener.accept()[0], listener) == CHANGED
                 _reap()
         finally:
             listener.close()
             path.unlink(missing_ok=True)
-    if changed:
+    if changed and not stopping.is_set():
         os.execv(sys.executable, [sys.executable, "-m", "deployments.warm_runner", str(path)])
 
 

@@ -108,6 +108,18 @@ class RunStopped(PagecastError):
         self.reason = reason
 
 
+class WarmRunnerSilent(PagecastError):
+    """The local stack's warm runner took a request to run a job and never answered: whether it
+    started a run is unknown, so no other run is started in its place."""
+
+    def __init__(self, job_id: object, seconds: float) -> None:
+        super().__init__(
+            f"job {job_id}: the stack's warm runner did not answer within {seconds:.0f} s; it may "
+            "be running the job (see `pagecast job status`); its log is warm-runner.log"
+        )
+        self.job_id = job_id
+
+
 class GraphError(PagecastError):
     """A Send API call failed; ``code``/``subcode`` are Meta's, ``http_status`` the HTTP status."""
 

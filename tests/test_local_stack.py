@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -17,8 +18,11 @@ from pathlib import Path
 import pytest
 
 from deployments.local_stack import Stack, exited, stop_embedded_prefect_server, stop_stack
-from pagecast import launch
-from pagecast.launch import STACK_FILE, WARM_RUNNER_SOCKET, process_started, stack_api_url
+from pagecast import warm
+from pagecast.errors import WarmRunnerSilent
+from pagecast.launch import STACK_FILE, stack_api_url
+from pagecast.processes import process_started
+from pagecast.warm import WARM_RUNNER_SOCKET
 
 
 @pytest.fixture
@@ -81,6 +85,9 @@ def test_a_stale_postmaster_pid_file_signals_nobody(tmp_path, bystander):
     assert exited(bystander.pid)
 
 
+JOB = uuid.uuid4()
+
+
 @contextmanager
 def _runner_answering(home: Path, *answers: dict) -> Iterator[Callable[[], None]]:
     """A stand-in warm runner for ``home`` that takes one request, sends ``answers``, and closes
@@ -110,31 +117,39 @@ def _runner_answering(home: Path, *answers: dict) -> Iterator[Callable[[], None]
         listener.close()
 
 
-def _fork(home: Path) -> launch.WarmChild | str | None:
-    return launch._fork_warm(home, {"job_id": "j", "env": {}, "log": "/dev/null"})
+def _fork(home: Path) -> warm.WarmChild | str | None:
+    return warm.fork(home, JOB, {"job_id": str(JOB), "env": {}, "log": "/dev/null"})
 
 
 def test_a_forked_run_s_exit_code_comes_from_the_runner(tmp_path, bystander):
     with _runner_answering(tmp_path, {"pid": bystander.pid}, {"returncode": 3}) as close:
         child = _fork(tmp_path)
         close()
-        assert isinstance(child, launch.WarmChild) and child.pid == bystander.pid
-        assert child.poll() == 3 and child.returncode == 3
+        assert isinstance(child, warm.WarmChild) and child.pid == bystander.pid
+        assert child.poll() == 3 and not child.exit_unknown
 
 
 def test_a_forked_run_is_watched_by_its_pid_once_the_runner_is_gone(tmp_path, bystander):
     with _runner_answering(tmp_path, {"pid": bystander.pid}) as close:
         child = _fork(tmp_path)
         close()
-        assert isinstance(child, launch.WarmChild)
+        assert isinstance(child, warm.WarmChild)
         assert child.poll() is None and child.poll() is None  # the runner's end, then its pid
         child.terminate()
         bystander.wait(5)
-        assert child.poll() == launch.UNKNOWN_EXIT
+        assert child.poll() is not None and child.exit_unknown
 
 
 def test_a_runner_s_refusal_is_passed_on_and_no_runner_is_none(tmp_path):
-    assert _fork(tmp_path) is None  # no stack
+    assert _fork(tmp_path) is None  # nothing listens
     with _runner_answering(tmp_path, {"error": "busy"}) as close:
         assert _fork(tmp_path) == "busy"
+        close()
+
+
+def test_a_runner_that_took_the_request_and_stays_silent_starts_no_other_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(warm, "ANSWER_SECONDS", 0.2)
+    with _runner_answering(tmp_path) as close:
+        with pytest.raises(WarmRunnerSilent, match="did not answer"):
+            _fork(tmp_path)
         close()

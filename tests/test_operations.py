@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -17,8 +18,9 @@ import pytest
 import sqlalchemy as sa
 
 from deployments.local_stack import PROJECT_DIR
-from pagecast.launch import WARM_RUNNER_SOCKET, is_same_process
+from pagecast.processes import is_same_process
 from pagecast.sandbox_process import busiest
+from pagecast.warm import WARM_RUNNER_SOCKET
 from tests.engine import (
     PAGE,
     create_job,
@@ -26,6 +28,7 @@ from tests.engine import (
 )
 from tests.stack import (
     SWEEP_INTERVAL_SECONDS,
+    TOKEN,
     Ops,
     Receiver,
     bootstrap,
@@ -54,8 +57,8 @@ def test_the_log_scan_finds_every_error_record(tmp_path):
 
 def test_bootstrap_is_idempotent_and_deploys_everything(ops):
     again = bootstrap(ops.env)
-    ops.pause_sweeps()  # deploying resumed the schedule
     assert again.returncode == 0, again.stdout + again.stderr
+    ops.pause_sweeps()  # deploying resumed the schedule
     deployments = {d["name"]: d for d in ops.api("POST", "/deployments/filter", json={}).json()}
     assert set(deployments) >= {"send-job", "broadcast", "sweep", "retry-failed"}
     sweep = deployments["sweep"]
@@ -310,31 +313,43 @@ def test_broadcast_form_in_the_prefect_ui(ops, tmp_path):
     assert (tmp_path / "broadcast-form.png").stat().st_size > 10_000
 
 
-def _job_run(ops: Ops, text: str) -> str:
-    """``pagecast job run`` of a new job of 100: sent once; what it said on stderr."""
+def _job_run(ops: Ops, text: str) -> tuple[uuid.UUID, str]:
+    """``pagecast job run`` of a new job of 100: sent once, no failure said; the job and what the
+    command said on stderr."""
     job = create_job(ops.engine, 100, text=text)
     run = ops.pagecast("job", "run", str(job.id))
     said = " ".join(run.stderr.split())  # rich wraps lines at 80 columns
-    assert run.returncode == 0, said
+    assert run.returncode == 0 and "failed" not in said, said
     sent_once(ops, job.id, text, 100)
-    return said
+    return job.id, said
+
+
+def _warm_runner_answers(ops: Ops) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex(str(ops.ledger.parent / WARM_RUNNER_SOCKET)) == 0
 
 
 def test_job_run_on_the_stack_is_forked_by_its_warm_runner(ops):
-    assert "the flow run is forked by the stack's warm runner" in _job_run(ops, "forked run")
+    job_id, said = _job_run(ops, "forked run")
+    assert "the flow run is forked by the stack's warm runner" in said
+    logs = ops.ledger.parent / "logs"
+    assert f"job {job_id} ended completed" in (logs / f"send-job-{job_id}.log").read_text()
+    assert not [log.name for log in logs.iterdir() if TOKEN in log.read_text(errors="replace")]
 
 
 def test_the_warm_runner_leaves_a_changed_checkout_to_a_process_of_its_own(ops):
     module = PROJECT_DIR / "tasks" / "__init__.py"
     stat = module.stat()
     os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # within the second: pycs hold
-    refused = _job_run(ops, "changed checkout")
-    assert "the checkout changed since the warm runner imported it" in refused
-    assert "the flow runs in a process of its own" in refused
-    socket_path = ops.ledger.parent / WARM_RUNNER_SOCKET
-    ops.wait_for(socket_path.exists, "the warm runner to import the checkout again")
-    assert is_same_process(ops.stack.runner_pid, ops.stack.runner_started)
-    assert "forked by the stack's warm runner" in _job_run(ops, "changed checkout, again")
+    try:
+        _, refused = _job_run(ops, "changed checkout")
+        assert "the checkout changed since the warm runner imported it" in refused
+        assert "the flow runs in a process of its own" in refused
+        ops.wait_for(lambda: _warm_runner_answers(ops), "the runner to import the checkout again")
+        assert is_same_process(ops.stack.runner_pid, ops.stack.runner_started)
+        assert "forked by the stack's warm runner" in _job_run(ops, "changed checkout, again")[1]
+    finally:  # the runner imports it once more, at the next run
+        os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 SHARED_PAGE = "100200301"

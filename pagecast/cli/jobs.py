@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pagecast import commands, db, launch, lifecycle, repo, trigger
+from pagecast import commands, db, launch, lifecycle, repo, trigger, warm
 from pagecast.cli.common import (
     JsonOption,
     handles_errors,
@@ -127,7 +127,7 @@ def run_and_watch(settings: Settings, job_id: uuid.UUID) -> None:
     if process.returncode == 0 and job.status == JobStatus.RUNNING:
         raise commands.sent_elsewhere(job)  # the flow exited without the job: another run has it
     stdout.print(launch.summary_table(engine, job))
-    if process.returncode == launch.UNKNOWN_EXIT:
+    if isinstance(process, warm.WarmChild) and process.exit_unknown:
         stderr.print(f"the warm runner stopped before the flow run ended; its log: {log_path}")
     elif process.returncode != 0:
         stderr.print(f"[red]the flow run failed[/]; its log: {log_path}")
