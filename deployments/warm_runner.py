@@ -50,13 +50,13 @@ _clients: dict[int, socket.socket] = {}  # child pid → the connection that ask
 
 
 def _sources() -> dict[str, int | None]:
-    """Modification times of the checkout's modules this process has imported (its ``.venv``'s
-    too: a changed dependency is a change); ``None`` for one that is gone."""
-    root = project_root()
+    """Modification times of the checkout's own modules this process has imported (not its
+    environment's: ``make up`` again after changing dependencies); ``None`` for one that is gone."""
+    root, environment = str(project_root()) + os.sep, sys.prefix + os.sep
     sources: dict[str, int | None] = {}
     for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path and Path(path).is_relative_to(root):
+        path = getattr(module, "__file__", None) or ""
+        if path.startswith(root) and not path.startswith(environment):
             try:
                 sources[path] = os.stat(path).st_mtime_ns
             except OSError:
