@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from pagecast.db import ensure_database
 from pagecast.launch import STACK_FILE, stack_api_url
-from pagecast.processes import process_started, started_as_recorded
+from pagecast.processes import is_same_process, process_started, started_as_recorded
 from pagecast.sandbox_process import wait_answering
 from pagecast.settings import get_settings
 from pagecast.warm import WARM_RUNNER_SOCKET
@@ -142,12 +142,7 @@ def start_stack(
     with ``worker``, a process worker polling every ``WORKER_QUERY_SECONDS`` unless ``env`` says
     otherwise, and the warm runner."""
     base = f"http://127.0.0.1:{port}"
-    # the warm runner's environment is what `pagecast job run` gives its flow: Prefect's settings
-    # read at import then hold for the runs it forks
-    runner_env = (env or dict(os.environ)) | {
-        "PREFECT_API_URL": f"{base}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
+    runner_env = _runner_env(env, f"{base}/api")
     env = (
         {"PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_SECONDS)}
         | runner_env
@@ -185,6 +180,27 @@ def start_stack(
         stack.runner_pid, stack.runner_started = start_warm_runner(home, runner_env)
     (home / STACK_FILE).write_text(json.dumps(asdict(stack)))
     return stack
+
+
+def _runner_env(env: dict[str, str] | None, api_url: str) -> dict[str, str]:
+    """The warm runner's environment: what ``pagecast job run`` gives its flow runs, so that
+    Prefect's settings read at the runner's import hold for the runs it forks."""
+    return (env or dict(os.environ)) | {
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+
+
+def revive_warm_runner(home: Path, env: dict[str, str] | None = None) -> bool:
+    """Start the running stack's warm runner again if it is gone; whether it was."""
+    stack = Stack(**json.loads((home / STACK_FILE).read_text()))
+    if stack.runner_pid is not None and is_same_process(stack.runner_pid, stack.runner_started):
+        return False
+    stack.runner_pid, stack.runner_started = start_warm_runner(
+        home, _runner_env(env, stack.api_url)
+    )
+    (home / STACK_FILE).write_text(json.dumps(asdict(stack)))
+    return True
 
 
 def start_warm_runner(home: Path, env: dict[str, str]) -> tuple[int, float | None]:
@@ -280,6 +296,8 @@ def main() -> None:
         print("local Prefect stack stopped")
         return
     if stack_api_url(home):
+        if revive_warm_runner(home):
+            print("warm runner started again")
         print(f"already running: {stack_api_url(home)}")
         return
     server_url = settings.database_url

@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from deployments.local_stack import Stack, exited, start_stack, start_warm_runner
+from deployments.local_stack import Stack, exited, revive_warm_runner, start_stack
 from pagecast.faults import CRASH_AT_ENV
 from pagecast.launch import STACK_FILE
 from pagecast.models import SendJob
+from pagecast.processes import is_same_process
 from tests.engine import (
     create_job,
     job_row,
@@ -267,12 +268,10 @@ def test_a_forked_job_run_outlives_the_warm_runner_that_forked_it(ops):
         os.kill(ops.stack.runner_pid, signal.SIGTERM)
         ops.wait_for(lambda: exited(ops.stack.runner_pid), "the warm runner to stop")
         finished = finish(run)
-    finally:
-        runner_env = ops.env | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        ops.stack.runner_pid, ops.stack.runner_started = start_warm_runner(
-            ops.ledger.parent, runner_env
-        )
-        (ops.ledger.parent / STACK_FILE).write_text(json.dumps(asdict(ops.stack)))
+    finally:  # as `make up` of the running stack does
+        revived = revive_warm_runner(ops.ledger.parent, ops.env)
+        ops.stack = Stack(**json.loads((ops.ledger.parent / STACK_FILE).read_text()))
+    assert revived and is_same_process(ops.stack.runner_pid, ops.stack.runner_started)
     said = " ".join(finished.stderr.split())
     assert finished.returncode == 0, said
     assert "forked by the stack's warm runner" in said
