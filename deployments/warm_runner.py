@@ -32,6 +32,7 @@ from prefect.logging.configuration import setup_logging
 
 from flows.send_job import send_job
 from pagecast.launch import project_root
+from pagecast.warm import read_line
 
 # What a flow run imports on its first call (214 modules, ~0.5 s), imported once here: the engines,
 # the database driver, the parameters' encoder and the flow graph's renderer.
@@ -126,7 +127,7 @@ def _serve_request(connection: socket.socket, listener: socket.socket) -> str | 
     """Fork a child for the request on ``connection``, or answer why not (returned)."""
     connection.settimeout(5)
     try:
-        request = json.loads(connection.makefile("rb").readline())
+        request = json.loads(read_line(connection)[0])
     except (OSError, ValueError):
         connection.close()
         return None

@@ -57,13 +57,11 @@ def prefect_api_url(settings: Settings) -> str | None:
     return os.environ.get("PREFECT_API_URL") or stack_api_url(settings.home.expanduser().resolve())
 
 
-def _flow_env(settings: Settings) -> dict[str, str]:
-    """The flow process's environment: this one's, with this process's home and its stack."""
-    home = settings.home.expanduser().resolve()
+def _flow_env(home: Path, stack_url: str | None) -> dict[str, str]:
+    """The flow process's environment: this one's, with its home and its stack's API."""
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PAGECAST_HOME": str(home)}
-    api_url = stack_api_url(home)
-    if "PREFECT_API_URL" not in env and api_url:
-        env["PREFECT_API_URL"] = api_url
+    if "PREFECT_API_URL" not in env and stack_url:
+        env["PREFECT_API_URL"] = stack_url
     return env
 
 
@@ -74,10 +72,11 @@ def start_flow(
     warm runner when it runs and serves the request, else in a child process (``say`` tells
     which); either uses the same database (the embedded one too) as this process."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = _flow_env(settings)
-    home = Path(env["PAGECAST_HOME"])
+    home = settings.home.expanduser().resolve()
+    stack_url = stack_api_url(home)
+    env = _flow_env(home, stack_url)
     request = {"job_id": str(job_id), "env": env, "log": str(log_path.resolve())}
-    warm = fork(home, job_id, request) if stack_api_url(home) else None
+    warm = fork(home, job_id, request) if stack_url else None
     if isinstance(warm, WarmChild):
         say(f"the flow run is forked by the stack's warm runner (pid {warm.pid})")
         return warm

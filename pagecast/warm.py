@@ -68,7 +68,8 @@ class WarmChild:
 
 
 def read_line(connection: socket.socket) -> tuple[bytes, bytes]:
-    """One line from ``connection`` (empty at its end) and whatever came after it."""
+    """One line from ``connection`` (empty at its end) and whatever came after it: the framing of
+    both sides."""
     received = b""
     while b"\n" not in received and (chunk := connection.recv(4096)):
         received += chunk
@@ -88,9 +89,9 @@ def _own_process(connection: socket.socket) -> bool:
 
 
 def fork(home: Path, job_id: uuid.UUID, request: dict) -> WarmChild | str | None:
-    """The flow run the warm runner of ``home``'s stack forked; why the runner refused (a message), or
-    ``None`` when none answers or it ended before answering. ``WarmRunnerSilent`` when it
-    took the request and stays silent: it may have started the run, so no other may start."""
+    """The flow run the warm runner of ``home``'s stack forked; why the runner refused (a
+    message); or ``None`` when none answers or it ended before answering. ``WarmRunnerSilent``
+    when it took the request and stays silent: it may have started the run, so none is started."""
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.settimeout(CONNECT_SECONDS)
